@@ -570,7 +570,9 @@ def optimizer_step(params, optimizer, scheduler, scaler, dist_info, clip):
     norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
     scaler.step(optimizer)
     scaler.update()
-    scheduler.step()
+    with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads, by design
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
 

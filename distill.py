@@ -218,30 +218,32 @@ def ema_arg(value):
     return None if str(value).lower() == "none" else float(value)
 
 
-def main(args):
-    check_args(args)
-    d = common.Dist(args.device)
-    device = d.device
-    common.configure_backends(device)
-    os.makedirs(args.out, exist_ok=True)
-    alpha, beta = args.alpha, args.beta
-    gamma = alpha if args.gamma is None else args.gamma
-    general = args.gamma is not None and args.gamma != args.alpha
-    gan = args.gan_gen_coef > 0 or args.gan_disc_coef > 0
-    uses_real = (alpha, beta, gamma) != (1, 1, 1) or gan
+def setup(args, d):
+    """Everything a run needs, as one namespace: networks, optimizers, data, noise, flags.
 
-    # Networks. Teacher v*: frozen. Generator G: the teacher's weights (or a distilled
-    # generator's, for fine-tuning). Fake model f: a fresh network, or the teacher's weights.
+    Initialisation: teacher v* frozen; generator G from the teacher's weights (or from a
+    distilled generator with --init-from); fake model f a fresh network (or the teacher's
+    weights with --fake-init teacher); EMAs equal to G. A --resume checkpoint then overrides
+    all state (weights, optimizers, schedules, RNG, data position).
+    """
+    device = d.device
+    s = argparse.Namespace(d=d, device=device, alpha=args.alpha, beta=args.beta)
+    s.gamma = args.alpha if args.gamma is None else args.gamma
+    s.general = args.gamma is not None and args.gamma != args.alpha
+    s.gan = args.gan_gen_coef > 0 or args.gan_disc_coef > 0
+    s.uses_real = (s.alpha, s.beta, s.gamma) != (1, 1, 1) or s.gan
+
     tckpt = common.load_checkpoint(args.teacher, "teacher checkpoint")
     common.require_kind(tckpt, "teacher", args.teacher)
     t_sd = common.pick_weights(tckpt, ema_arg(args.teacher_ema), args.teacher)
     fallback = common.net_config_from_args(
         argparse.Namespace(**{**vars(args), "image_size": args.image_size or 32}))
-    cfg = dict(common.net_config_from(tckpt, t_sd, fallback), dropout=args.dropout)
-    teacher = common.build_net(cfg, t_sd, dropout=0.0, what=f"teacher weights in {args.teacher}")
-    teacher.to(device).eval().requires_grad_(False)
-    cond = cfg["num_classes"] is not None
-    if args.cond and not cond:
+    s.cfg = cfg = dict(common.net_config_from(tckpt, t_sd, fallback), dropout=args.dropout)
+    s.teacher = common.build_net(cfg, t_sd, dropout=0.0,
+                                 what=f"teacher weights in {args.teacher}")
+    s.teacher.to(device).eval().requires_grad_(False)
+    s.cond = cfg["num_classes"] is not None
+    if args.cond and not s.cond:
         common.fail(f"--cond given but the teacher {args.teacher} is unconditional")
     g_sd = t_sd
     if args.init_from:
@@ -249,203 +251,226 @@ def main(args):
         common.require_kind(ickpt, "distilled", args.init_from)
         g_sd = common.pick_weights(ickpt, ema_arg(args.init_ema), args.init_from)
     common.seed_init(args.seed)
-    gen = common.build_net(cfg, g_sd, what="generator weights").to(device)
-    fake = common.build_net(cfg, t_sd if args.fake_init == "teacher" else None, gan_head=gan,
-                            what="teacher weights").to(device)
-    emas = {common.ema_key(decay): copy.deepcopy(gen).requires_grad_(False).eval()
-            for decay in args.ema}
+    s.gen = common.build_net(cfg, g_sd, what="generator weights").to(device)
+    s.fake = common.build_net(cfg, t_sd if args.fake_init == "teacher" else None,
+                              gan_head=s.gan, what="teacher weights").to(device)
+    s.emas = {common.ema_key(decay): copy.deepcopy(s.gen).requires_grad_(False).eval()
+              for decay in args.ema}
     common.seed_dropout(args.seed, d.rank)
+    s.shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
 
     data = None
-    if uses_real:
+    if s.uses_real:
         data = common.open_data(args.data, args.data_root, cfg["image_size"])
-        common.check_data(data, cfg, cond, what=f"the teacher {args.teacher}")
-    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        common.check_data(data, cfg, s.cond, what=f"the teacher {args.teacher}")
 
     # Adam with betas (0, 0.999) for both players, linear warm-up per optimizer (SPEC 4).
-    opt_g = common.adam(gen.parameters(), args.lr, (0.0, 0.999), device)
-    opt_f = common.adam(fake.parameters(), args.lr, (0.0, 0.999), device)
-    sched_g, sched_f = common.warmup(opt_g, args.warmup), common.warmup(opt_f, args.warmup)
-    scaler_g = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    scaler_f = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    noise_gen = common.noise_generator(device, args.seed)
+    s.opt_g = common.adam(s.gen.parameters(), args.lr, (0.0, 0.999), device)
+    s.opt_f = common.adam(s.fake.parameters(), args.lr, (0.0, 0.999), device)
+    s.sched_g, s.sched_f = common.warmup(s.opt_g, args.warmup), common.warmup(s.opt_f, args.warmup)
+    s.scaler_g = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    s.scaler_f = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    s.noise_gen = common.noise_generator(device, args.seed)
 
-    step, consumed = 0, 0
+    s.step, consumed, s.last_saved = 0, 0, None
     path = common.resume_path(args)
     if path:
         ckpt = common.load_checkpoint(path, "resume checkpoint")
         common.require_kind(ckpt, "distilled", path)
         saved = ckpt.get("config", {})
-        if saved.get("net") != cfg or saved.get("gan_head") != gan:
+        if saved.get("net") != cfg or saved.get("gan_head") != s.gan:
             common.fail(f"{path} was made with another teacher network or GAN setting; resume "
                         "with the original --teacher and GAN flags")
-        common.load_state(gen, ckpt["gen"])
-        common.load_state(fake, ckpt["u"])
-        for k, m in emas.items():
+        common.load_state(s.gen, ckpt["gen"])
+        common.load_state(s.fake, ckpt["u"])
+        for k, m in s.emas.items():
             common.load_state(m, ckpt["ema_gens"][k])
-        opt_g.load_state_dict(ckpt["optim_gen"])
-        opt_f.load_state_dict(ckpt["optim_u"])
-        sched_g.load_state_dict(ckpt["sched"])
-        sched_f.load_state_dict(ckpt["sched_u"])
-        scaler_g.load_state_dict(ckpt.get("scaler_gen", {}))
-        scaler_f.load_state_dict(ckpt.get("scaler_u", {}))
-        common.set_rng_state(ckpt["rng"], noise_gen, d)
-        step, consumed = ckpt["step"], ckpt["data_batches"]
+        s.opt_g.load_state_dict(ckpt["optim_gen"])
+        s.opt_f.load_state_dict(ckpt["optim_u"])
+        s.sched_g.load_state_dict(ckpt["sched"])
+        s.sched_f.load_state_dict(ckpt["sched_u"])
+        s.scaler_g.load_state_dict(ckpt.get("scaler_gen", {}))
+        s.scaler_f.load_state_dict(ckpt.get("scaler_u", {}))
+        common.set_rng_state(ckpt["rng"], s.noise_gen, d)
+        s.step, consumed = ckpt["step"], ckpt["data_batches"]
+        s.last_saved = s.step
         if d.main:
-            print(f"resumed {path} at step {step}")
+            print(f"resumed {path} at step {s.step}")
+
+    s.batches = common.Batches(data, args.batch_size, args.seed, d, args.workers, consumed) \
+        if s.uses_real else None
+    s.run_gen, s.run_fake = common.prepare_model(s.gen, args), common.prepare_model(s.fake, args)
+    s.run_teacher = common.prepare_model(s.teacher, args)
+    s.micro = d.split(args.batch_size, args.grad_accum)
+    s.amp = common.precision_context(device, args.precision)
+    s.gen_params, s.fake_params = list(s.gen.parameters()), list(s.fake.parameters())
+    s.gen.train(), s.fake.train()
+    return s
+
+
+def draw(s, args):
+    """Fresh noise for the global batch (shared generator), this process's rows, and this
+    process's slice of a fresh real batch (randomly flipped)."""
+    B, device, gen = args.batch_size, s.device, s.noise_gen
+    g = {"z": common.randn(gen, (B, *s.shape), device),
+         "x0": common.randn(gen, (B, *s.shape), device),
+         "t": common.rand(gen, (B,), device)}
+    if s.gan:
+        g["t_gan"] = 1 - 0.2 * common.rand(gen, (B,), device)
+    if s.uses_real:
+        g["flip"] = common.rand(gen, (B,), device) < 0.5
+    elif s.cond:  # data-free and conditional: labels uniform over the classes
+        g["y"] = common.randint(gen, s.cfg["num_classes"], (B,), device)
+    batch = common.rank_slice(g, s.d)
+    batch.setdefault("y", None)
+    batch["x_d"] = None
+    if s.uses_real:
+        x_u8, y = s.batches.next()
+        batch["x_d"] = common.flip(common.from_uint8(x_u8), batch.pop("flip"))
+        batch["y"] = y if s.cond else None
+    return batch
+
+
+def fake_update(s, args, batch):
+    """One update of f: minimise the fake-model loss (+ GAN discriminator loss); G runs without
+    a graph. Returns (loss, gan loss, grad norm), averaged over micro-batches."""
+    total, gan_total = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
+    for mb in common.micro_batches(batch, s.micro):
+        with s.amp:
+            with torch.no_grad():
+                x_g = generate(s.run_gen, mb["z"], mb["y"])
+            if s.general:
+                loss = general_fake_model_loss(s.run_fake, s.run_teacher, x_g, mb["x_d"],
+                                               mb["x0"], mb["t"], mb["y"], s.alpha, s.beta,
+                                               s.gamma)
+            else:
+                loss = fake_model_loss(s.run_fake, x_g, mb["x_d"], mb["x0"], mb["t"], mb["y"],
+                                       s.alpha, s.beta)
+            objective = loss
+            if s.gan:
+                loss_gan = gan_discriminator_loss(s.fake.forward_head, x_g, mb["x_d"], mb["x0"],
+                                                  mb["t_gan"], mb["y"])
+                objective = loss + args.gan_disc_coef * loss_gan
+                gan_total += loss_gan.detach() / args.grad_accum
+        s.scaler_f.scale(objective / args.grad_accum).backward()
+        total += loss.detach() / args.grad_accum
+    common.stop_if_not_finite(total + gan_total, "fake-model loss", s.step, args.out,
+                              s.last_saved)
+    norm = common.optimizer_step(s.fake_params, s.opt_f, s.sched_f, s.scaler_f, s.d,
+                                 args.grad_clip)
+    return total, gan_total, norm
+
+
+def generator_update(s, args, batch):
+    """One update of G: minimise the generator loss (+ GAN generator loss); f and v* are frozen
+    (no parameter gradients); then the EMAs. Returns (loss, gan loss, grad norm)."""
+    total, gan_total = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
+    s.fake.requires_grad_(False)
+    for mb in common.micro_batches(batch, s.micro):
+        with s.amp:
+            x_g = generate(s.run_gen, mb["z"], mb["y"])
+            if s.general:
+                loss = general_generator_loss(s.run_teacher, s.run_fake, x_g, mb["x0"], mb["t"],
+                                              mb["y"], s.alpha, s.beta, s.gamma)
+            else:
+                loss = generator_loss(s.run_teacher, s.run_fake, x_g, mb["x0"], mb["t"], mb["y"],
+                                      s.alpha, s.beta)
+            objective = loss
+            if s.gan:
+                loss_gan = gan_generator_loss(s.fake.forward_head, x_g, mb["x0"], mb["t_gan"],
+                                              mb["y"])
+                objective = loss + args.gan_gen_coef * loss_gan
+                gan_total += loss_gan.detach() / args.grad_accum
+        s.scaler_g.scale(objective / args.grad_accum).backward()
+        total += loss.detach() / args.grad_accum
+    s.fake.requires_grad_(True)
+    common.stop_if_not_finite(total + gan_total, "generator loss", s.step, args.out,
+                              s.last_saved)
+    norm = common.optimizer_step(s.gen_params, s.opt_g, s.sched_g, s.scaler_g, s.d,
+                                 args.grad_clip)
+    for decay in args.ema:
+        common.ema_update(s.emas[common.ema_key(decay)], s.gen, decay)
+    return total, gan_total, norm
+
+
+def save(s, args):
+    """<out>/latest.pt (atomically) in the authors' layout, plus our config and resume state."""
+    ckpt = {"gen": s.gen.state_dict(), "u": s.fake.state_dict(),
+            "ema_gens": {k: m.state_dict() for k, m in s.emas.items()},
+            "optim_gen": s.opt_g.state_dict(), "optim_u": s.opt_f.state_dict(),
+            "sched": s.sched_g.state_dict(), "sched_u": s.sched_f.state_dict(), "step": s.step,
+            "config": {"kind": "distilled", "net": s.cfg, "gan_head": s.gan,
+                       "step_unit": f"{args.fake_steps} fake-model updates + 1 generator update",
+                       "args": common.json_safe(vars(args))},
+            "scaler_gen": s.scaler_g.state_dict(), "scaler_u": s.scaler_f.state_dict(),
+            "rng": common.rng_state(s.noise_gen, s.d),
+            "data_batches": s.batches.consumed if s.batches else 0}
+    if s.d.main:
+        common.save_checkpoint(ckpt, os.path.join(args.out, "latest.pt"))
+        if args.snapshot_every and s.step % args.snapshot_every == 0:
+            common.save_checkpoint(ckpt, common.snapshot_name(args.out, s.step))
+    s.last_saved = s.step
+
+
+@torch.no_grad()
+def save_grids(s, args, z, y):
+    """Grids of the raw and the first EMA generator from a fixed latent batch."""
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    for name, net in (("gen", s.gen), (f"ema{args.ema[0]}", s.emas[common.ema_key(args.ema[0])])):
+        net.eval()
+        common.save_grid(generate(net, z, y),
+                         os.path.join(args.out, "samples", f"{s.step:07d}_{name}.png"))
+    s.gen.train()
+
+
+def main(args):
+    check_args(args)
+    d = common.Dist(args.device)
+    common.configure_backends(d.device)
+    os.makedirs(args.out, exist_ok=True)
+    s = setup(args, d)
     if d.main:
         common.save_args(args, args.out)
-        mode = "data-free UID" if not uses_real else f"RealUID alpha={alpha} beta={beta}" + (
-            f" gamma={gamma} (General)" if general else "")
-        print(f"{mode}{' + GAN' if gan else ''}; teacher {args.teacher} "
-              f"({'cond' if cond else 'uncond'} {'x'.join(map(str, shape))}); device {device}, "
-              f"{d.world} process(es)")
+        mode = "data-free UID" if not s.uses_real else \
+            f"RealUID alpha={s.alpha} beta={s.beta}" + (
+                f" gamma={s.gamma} (General)" if s.general else "")
+        print(f"{mode}{' + GAN' if s.gan else ''}; teacher {args.teacher} "
+              f"({'cond' if s.cond else 'uncond'} {'x'.join(map(str, s.shape))}); "
+              f"device {d.device}, {d.world} process(es)")
+    grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
+    grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)
+    if d.main and args.sample_every and s.step == 0:
+        save_grids(s, args, grid_z, grid_y)  # the starting point z + v*(0, z), for comparison
 
-    batches = common.Batches(data, args.batch_size, args.seed, d, args.workers, consumed) \
-        if uses_real else None
-    run_gen, run_fake = common.prepare_model(gen, args), common.prepare_model(fake, args)
-    run_teacher = common.prepare_model(teacher, args)
-    micro = d.split(args.batch_size, args.grad_accum)
-    amp = common.precision_context(device, args.precision)
-    log = common.RunLog(args.out, args.steps, step, enabled=d.main)
-    grid_z = torch.randn(64, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-    grid_y = common.class_labels(64, cfg["num_classes"], device=device)
-    last_saved = step if path else None
-
-    def draw():
-        """Fresh noise for the global batch (shared generator), this process's rows, and this
-        process's slice of a fresh real batch."""
-        B = args.batch_size
-        g = {"z": common.randn(noise_gen, (B, *shape), device),
-             "x0": common.randn(noise_gen, (B, *shape), device),
-             "t": common.rand(noise_gen, (B,), device)}
-        if gan:
-            g["t_gan"] = 1 - 0.2 * common.rand(noise_gen, (B,), device)
-        if uses_real:
-            g["flip"] = common.rand(noise_gen, (B,), device) < 0.5
-        elif cond:  # data-free and conditional: labels uniform over the classes
-            g["y"] = common.randint(noise_gen, cfg["num_classes"], (B,), device)
-        batch = common.rank_slice(g, d)
-        batch.setdefault("y", None)
-        batch["x_d"] = None
-        if uses_real:
-            x_u8, y = batches.next()
-            batch["x_d"] = common.flip(common.from_uint8(x_u8), batch.pop("flip"))
-            batch["y"] = y if cond else None
-        return batch
-
-    def fake_update(step):
-        """Minimise the fake-model loss over f; the generator runs without a graph."""
-        total, gan_total = torch.zeros((), device=device), torch.zeros((), device=device)
-        for mb in common.micro_batches(draw(), micro):
-            with amp:
-                with torch.no_grad():
-                    x_g = generate(run_gen, mb["z"], mb["y"])
-                if general:
-                    loss = general_fake_model_loss(run_fake, run_teacher, x_g, mb["x_d"],
-                                                   mb["x0"], mb["t"], mb["y"], alpha, beta, gamma)
-                else:
-                    loss = fake_model_loss(run_fake, x_g, mb["x_d"], mb["x0"], mb["t"], mb["y"],
-                                           alpha, beta)
-                objective = loss
-                if gan:
-                    loss_gan = gan_discriminator_loss(fake.forward_head, x_g, mb["x_d"], mb["x0"],
-                                                      mb["t_gan"], mb["y"])
-                    objective = loss + args.gan_disc_coef * loss_gan
-                    gan_total += loss_gan.detach() / args.grad_accum
-            scaler_f.scale(objective / args.grad_accum).backward()
-            total += loss.detach() / args.grad_accum
-        common.stop_if_not_finite(total + gan_total, "fake-model loss", step, args.out,
-                                  last_saved)
-        norm = common.optimizer_step(fake_params, opt_f, sched_f, scaler_f, d, args.grad_clip)
-        return total, gan_total, norm
-
-    def generator_update(step):
-        """Minimise the generator loss over G; f and v* are frozen (no parameter gradients)."""
-        total, gan_total = torch.zeros((), device=device), torch.zeros((), device=device)
-        fake.requires_grad_(False)
-        for mb in common.micro_batches(draw(), micro):
-            with amp:
-                x_g = generate(run_gen, mb["z"], mb["y"])
-                if general:
-                    loss = general_generator_loss(run_teacher, run_fake, x_g, mb["x0"], mb["t"],
-                                                  mb["y"], alpha, beta, gamma)
-                else:
-                    loss = generator_loss(run_teacher, run_fake, x_g, mb["x0"], mb["t"], mb["y"],
-                                          alpha, beta)
-                objective = loss
-                if gan:
-                    loss_gan = gan_generator_loss(fake.forward_head, x_g, mb["x0"], mb["t_gan"],
-                                                  mb["y"])
-                    objective = loss + args.gan_gen_coef * loss_gan
-                    gan_total += loss_gan.detach() / args.grad_accum
-            scaler_g.scale(objective / args.grad_accum).backward()
-            total += loss.detach() / args.grad_accum
-        fake.requires_grad_(True)
-        common.stop_if_not_finite(total + gan_total, "generator loss", step, args.out,
-                                  last_saved)
-        norm = common.optimizer_step(gen_params, opt_g, sched_g, scaler_g, d, args.grad_clip)
-        for decay in args.ema:
-            common.ema_update(emas[common.ema_key(decay)], gen, decay)
-        return total, gan_total, norm
-
-    def save(step):
-        ckpt = {"gen": gen.state_dict(), "u": fake.state_dict(),
-                "ema_gens": {k: m.state_dict() for k, m in emas.items()},
-                "optim_gen": opt_g.state_dict(), "optim_u": opt_f.state_dict(),
-                "sched": sched_g.state_dict(), "sched_u": sched_f.state_dict(), "step": step,
-                "config": {"kind": "distilled", "net": cfg, "gan_head": gan,
-                           "step_unit": f"{args.fake_steps} fake-model updates + 1 generator "
-                                        "update", "args": common.json_safe(vars(args))},
-                "scaler_gen": scaler_g.state_dict(), "scaler_u": scaler_f.state_dict(),
-                "rng": common.rng_state(noise_gen, d),
-                "data_batches": batches.consumed if batches else 0}
-        if d.main:
-            common.save_checkpoint(ckpt, os.path.join(args.out, "latest.pt"))
-            if args.snapshot_every and step % args.snapshot_every == 0:
-                common.save_checkpoint(ckpt, common.snapshot_name(args.out, step))
-
-    @torch.no_grad()
-    def save_grids(step):
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        for name, net in (("gen", gen), (f"ema{args.ema[0]}", emas[common.ema_key(args.ema[0])])):
-            net.eval()
-            common.save_grid(generate(net, grid_z, grid_y),
-                             os.path.join(args.out, "samples", f"{step:07d}_{name}.png"))
-        gen.train()
-
-    gen_params, fake_params = list(gen.parameters()), list(fake.parameters())
-    gen.train(), fake.train()
-    if d.main and args.sample_every and step == 0:
-        save_grids(0)  # the starting point z + v*(0, z), for comparison
-    keys = ["loss_fake", "loss_gen"] + (["loss_gan_disc", "loss_gan_gen"] if gan else [])
-    running = {k: torch.zeros((), device=device) for k in keys}
-    while step < args.steps:
-        step += 1
+    keys = ["loss_fake", "loss_gen"] + (["loss_gan_disc", "loss_gan_gen"] if s.gan else [])
+    running = {k: torch.zeros((), device=d.device) for k in keys}
+    log = common.RunLog(args.out, args.steps, s.step, enabled=d.main)
+    while s.step < args.steps:
+        s.step += 1
         for _ in range(args.fake_steps):
-            loss_f, gan_d, norm_f = fake_update(step)
+            loss_f, gan_d, norm_f = fake_update(s, args, draw(s, args))
             running["loss_fake"] += loss_f / args.fake_steps
-            if gan:
+            if s.gan:
                 running["loss_gan_disc"] += gan_d / args.fake_steps
-        loss_g, gan_g, norm_g = generator_update(step)
+        loss_g, gan_g, norm_g = generator_update(s, args, draw(s, args))
         running["loss_gen"] += loss_g
-        if gan:
+        if s.gan:
             running["loss_gan_gen"] += gan_g
 
+        step = s.step
         if step % args.log_every == 0 or step == args.steps:
             n = args.log_every if step % args.log_every == 0 else step % args.log_every
             values = {k: d.mean(v / n) for k, v in running.items()}
             values.update(grad_norm_gen=norm_g, grad_norm_fake=norm_f,
-                          lr=sched_g.get_last_lr()[0])
-            log.step(step, values, device)
+                          lr=s.sched_g.get_last_lr()[0])
+            log.step(step, values, d.device)
             for v in running.values():
                 v.zero_()
         if d.main and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            save_grids(step)
+            save_grids(s, args, grid_z, grid_y)
         if step % args.save_every == 0 or step == args.steps or (
                 args.snapshot_every and step % args.snapshot_every == 0):
-            save(step)
-            last_saved = step
+            save(s, args)
     d.close()
 
 

@@ -56,30 +56,32 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def main(args):
-    common.check_run_args(args)
-    d = common.Dist(args.device)
+def setup(args, d):
+    """Everything a run needs, as one namespace: network, EMAs, optimizer, data, noise.
+
+    Initialisation: a fresh network (torchcfm's init: zero output layers), EMAs equal to it.
+    A --resume checkpoint then overrides all state (weights, optimizer, RNG, data position).
+    """
     device = d.device
-    common.configure_backends(device)
-    os.makedirs(args.out, exist_ok=True)
-
+    s = argparse.Namespace(d=d, device=device)
     data = common.open_data(args.data, args.data_root, args.image_size)
-    cfg = common.net_config_from_args(args, in_channels=data.shape[0], dropout=args.dropout,
-                                      num_classes=data.num_classes if args.cond else None)
+    s.cfg = cfg = common.net_config_from_args(
+        args, in_channels=data.shape[0], dropout=args.dropout,
+        num_classes=data.num_classes if args.cond else None)
     common.check_data(data, cfg, args.cond)
+    s.shape, s.data_size = data.shape, len(data)
 
-    # Initialisation: a fresh network (zero output layers, torchcfm's init), EMAs equal to it.
     common.seed_init(args.seed)
-    net = common.build_net(cfg).to(device)
-    emas = {common.ema_key(decay): copy.deepcopy(net).requires_grad_(False).eval()
-            for decay in args.ema}
+    s.net = common.build_net(cfg).to(device)
+    s.emas = {common.ema_key(decay): copy.deepcopy(s.net).requires_grad_(False).eval()
+              for decay in args.ema}
     common.seed_dropout(args.seed, d.rank)
-    opt = common.adam(net.parameters(), args.lr, (0.9, 0.999), device)
-    sched = common.warmup(opt, args.warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    noise_gen = common.noise_generator(device, args.seed)
+    s.opt = common.adam(s.net.parameters(), args.lr, (0.9, 0.999), device)
+    s.sched = common.warmup(s.opt, args.warmup)
+    s.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    s.noise_gen = common.noise_generator(device, args.seed)
 
-    step, consumed = 0, 0
+    s.step, consumed, s.last_saved = 0, 0, None
     path = common.resume_path(args)
     if path:
         ckpt = common.load_checkpoint(path, "resume checkpoint")
@@ -87,84 +89,105 @@ def main(args):
         if ckpt.get("config", {}).get("net") != cfg:
             common.fail(f"{path} was trained with another network or data "
                         f"({ckpt.get('config', {}).get('net')}); use the original flags")
-        common.load_state(net, ckpt["net_model"])
-        for k, m in emas.items():
+        common.load_state(s.net, ckpt["net_model"])
+        for k, m in s.emas.items():
             common.load_state(m, ckpt["ema_models"][k])
-        opt.load_state_dict(ckpt["optim"])
-        sched.load_state_dict(ckpt["sched"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
-        common.set_rng_state(ckpt["rng"], noise_gen, d)
-        step, consumed = ckpt["step"], ckpt["data_batches"]
+        s.opt.load_state_dict(ckpt["optim"])
+        s.sched.load_state_dict(ckpt["sched"])
+        s.scaler.load_state_dict(ckpt.get("scaler", {}))
+        common.set_rng_state(ckpt["rng"], s.noise_gen, d)
+        s.step, consumed = ckpt["step"], ckpt["data_batches"]
+        s.last_saved = s.step
         if d.main:
-            print(f"resumed {path} at step {step}")
+            print(f"resumed {path} at step {s.step}")
+
+    s.batches = common.Batches(data, args.batch_size, args.seed, d, args.workers, consumed)
+    s.run_net = common.prepare_model(s.net, args)
+    s.micro = d.split(args.batch_size, args.grad_accum)
+    s.amp = common.precision_context(device, args.precision)
+    s.params = list(s.net.parameters())
+    s.net.train()
+    return s
+
+
+def draw(s, args):
+    """Noise for the global batch from the shared generator (this process takes its rows) and
+    this process's slice of the next real batch, randomly flipped."""
+    B, gen = args.batch_size, s.noise_gen
+    batch = common.rank_slice({"x0": common.randn(gen, (B, *s.shape), s.device),
+                               "t": common.rand(gen, (B,), s.device),
+                               "flip": common.rand(gen, (B,), s.device) < 0.5}, s.d)
+    x_u8, y = s.batches.next()
+    batch["x1"] = common.flip(common.from_uint8(x_u8), batch.pop("flip"))
+    batch["y"] = y if args.cond else None
+    return batch
+
+
+def teacher_update(s, args, batch):
+    """One optimizer update on the flow-matching loss, then the EMAs; returns (loss, norm)."""
+    total = torch.zeros((), device=s.device)
+    for mb in common.micro_batches(batch, s.micro):
+        with s.amp:
+            loss = flow_matching_loss(s.run_net, mb["x1"], mb["x0"], mb["t"], mb["y"])
+        s.scaler.scale(loss / args.grad_accum).backward()
+        total += loss.detach() / args.grad_accum
+    common.stop_if_not_finite(total, "flow-matching loss", s.step, args.out, s.last_saved)
+    norm = common.optimizer_step(s.params, s.opt, s.sched, s.scaler, s.d, args.grad_clip)
+    for decay in args.ema:
+        common.ema_update(s.emas[common.ema_key(decay)], s.net, decay)
+    return total, norm
+
+
+def save(s, args):
+    """<out>/latest.pt (atomically) in the authors' layout, plus our config and resume state."""
+    ckpt = {"net_model": s.net.state_dict(),
+            "ema_models": {k: m.state_dict() for k, m in s.emas.items()},
+            "optim": s.opt.state_dict(), "sched": s.sched.state_dict(), "step": s.step,
+            "config": {"kind": "teacher", "net": s.cfg, "args": common.json_safe(vars(args))},
+            "scaler": s.scaler.state_dict(), "rng": common.rng_state(s.noise_gen, s.d),
+            "data_batches": s.batches.consumed}
+    if s.d.main:
+        common.save_checkpoint(ckpt, os.path.join(args.out, "latest.pt"))
+        if args.snapshot_every and s.step % args.snapshot_every == 0:
+            common.save_checkpoint(ckpt, common.snapshot_name(args.out, s.step))
+    s.last_saved = s.step
+
+
+def main(args):
+    common.check_run_args(args)
+    d = common.Dist(args.device)
+    common.configure_backends(d.device)
+    os.makedirs(args.out, exist_ok=True)
+    s = setup(args, d)
     if d.main:
         common.save_args(args, args.out)
-        print(f"teacher: {sum(p.numel() for p in net.parameters()):,} parameters, data "
-              f"{len(data)} images {'x'.join(map(str, data.shape))}, device {device}, "
+        print(f"teacher: {sum(p.numel() for p in s.params):,} parameters, data "
+              f"{s.data_size} images {'x'.join(map(str, s.shape))}, device {d.device}, "
               f"{d.world} process(es)")
+    grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
+    grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)
 
-    batches = common.Batches(data, args.batch_size, args.seed, d, args.workers, consumed)
-    run_net = common.prepare_model(net, args)
-    micro = d.split(args.batch_size, args.grad_accum)
-    amp = common.precision_context(device, args.precision)
-    log = common.RunLog(args.out, args.steps, step, enabled=d.main)
-    grid_z = torch.randn(64, *data.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    grid_y = common.class_labels(64, cfg["num_classes"], device=device)
-    params = list(net.parameters())
-    last_saved = step if path else None
-    running = torch.zeros((), device=device)
+    running = torch.zeros((), device=d.device)
+    log = common.RunLog(args.out, args.steps, s.step, enabled=d.main)
+    while s.step < args.steps:
+        s.step += 1
+        loss, grad_norm = teacher_update(s, args, draw(s, args))
+        running += loss
 
-    def save(step):
-        ckpt = {"net_model": net.state_dict(),
-                "ema_models": {k: m.state_dict() for k, m in emas.items()},
-                "optim": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                "config": {"kind": "teacher", "net": cfg, "args": common.json_safe(vars(args))},
-                "scaler": scaler.state_dict(), "rng": common.rng_state(noise_gen, d),
-                "data_batches": batches.consumed}
-        if d.main:
-            common.save_checkpoint(ckpt, os.path.join(args.out, "latest.pt"))
-            if args.snapshot_every and step % args.snapshot_every == 0:
-                common.save_checkpoint(ckpt, common.snapshot_name(args.out, step))
-
-    net.train()
-    while step < args.steps:
-        step += 1
-        # Noise for the global batch from the shared generator; this process takes its rows.
-        B = args.batch_size
-        noise = common.rank_slice({
-            "x0": common.randn(noise_gen, (B, *data.shape), device),
-            "t": common.rand(noise_gen, (B,), device),
-            "flip": common.rand(noise_gen, (B,), device) < 0.5}, d)
-        x_u8, y = batches.next()
-        noise["x1"] = common.flip(common.from_uint8(x_u8), noise.pop("flip"))
-        noise["y"] = y if args.cond else None
-
-        loss_sum = torch.zeros((), device=device)
-        for mb in common.micro_batches(noise, micro):
-            with amp:
-                loss = flow_matching_loss(run_net, mb["x1"], mb["x0"], mb["t"], mb["y"])
-            scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-        common.stop_if_not_finite(loss_sum, "flow-matching loss", step, args.out, last_saved)
-        grad_norm = common.optimizer_step(params, opt, sched, scaler, d, args.grad_clip)
-        for decay in args.ema:
-            common.ema_update(emas[common.ema_key(decay)], net, decay)
-        running += loss_sum
-
+        step = s.step
         if step % args.log_every == 0 or step == args.steps:
             n = args.log_every if step % args.log_every == 0 else step % args.log_every
             log.step(step, {"loss_fm": d.mean(running / n), "grad_norm": grad_norm,
-                            "lr": sched.get_last_lr()[0]}, device)
+                            "lr": s.sched.get_last_lr()[0]}, d.device)
             running.zero_()
         if d.main and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            ema = emas[common.ema_key(args.ema[0])]
-            x = sample.euler(ema, grid_z, grid_y, args.sample_nfe)
+            x = sample.euler(s.emas[common.ema_key(args.ema[0])], grid_z, grid_y,
+                             args.sample_nfe)
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             common.save_grid(x, os.path.join(args.out, "samples", f"{step:07d}_ema.png"))
         if step % args.save_every == 0 or step == args.steps or (
                 args.snapshot_every and step % args.snapshot_every == 0):
-            save(step)
-            last_saved = step
+            save(s, args)
     d.close()
 
 
