@@ -130,6 +130,14 @@ class Dist:
             x /= self.world
         return x
 
+    def broadcast(self, value):
+        """rank 0's python value on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self):
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -744,6 +752,78 @@ def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every
     s.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     s.add_argument("--compile", action="store_true", help="torch.compile the networks")
     return g
+
+
+def add_fid_args(p):
+    g = p.add_argument_group("in-training FID (cheap and labelled as such; final numbers: fid.py)")
+    g.add_argument("--fid-every", type=int, default=0,
+                   help="FID of the first EMA model every N steps, logged to metrics.jsonl; the "
+                        "best one is kept as <out>/best.pt (0: never)")
+    g.add_argument("--fid-n", type=int, default=10_000,
+                   help="samples per in-training FID (the paper's protocol uses 50,000)")
+    g.add_argument("--fid-ref", default=None,
+                   help="reference statistics from `python fid.py ref` (e.g. "
+                        "cifar10_train_tf.npz); needed with --fid-every")
+    g.add_argument("--fid-weights", default=None,
+                   help="Inception weights file (default: torch hub cache, see fid.py)")
+    g.add_argument("--fid-mode", choices=["tf", "pytorch-fid"], default="tf",
+                   help="FID preprocessing (tf: the paper's clean-fid legacy_tensorflow)")
+    g.add_argument("--fid-batch", type=int, default=250, help="images per sampling batch")
+    return g
+
+
+class InTrainingFID:
+    """FID of a model every N steps on --fid-n samples: the Inception network and the reference
+    statistics are loaded once per run; the latents and labels are the same at every evaluation
+    (balanced labels arange(n) % classes), so that scores are comparable across steps."""
+
+    def __init__(self, args, device, shape, num_classes):
+        import fid
+        if not args.fid_ref:
+            fail("--fid-every needs --fid-ref, statistics from `python fid.py ref`")
+        if args.fid_n < 2:
+            fail("--fid-n must be at least 2")
+        try:
+            self.ref = fid.load_stats(args.fid_ref)
+            self.extractor = fid.InceptionFeatures(args.fid_weights, args.fid_mode, device)
+            fid.check_compatible(self.ref, args.fid_ref, self.extractor.mode,
+                                 self.extractor.weights_sha256)
+        except fid.FIDError as e:
+            fail(str(e))
+        self.fid, self.args, self.device = fid, args, device
+        self.shape, self.num_classes = shape, num_classes
+
+    @torch.no_grad()
+    def __call__(self, sample):
+        """FID of sample(z, y) -> images in [-1, 1] against the reference statistics."""
+        n, b = self.args.fid_n, self.args.fid_batch
+        gen = torch.Generator().manual_seed(1234)
+
+        def batches():
+            for lo in range(0, n, b):
+                m = min(b, n - lo)
+                z = torch.randn(m, *self.shape, generator=gen).to(self.device)
+                y = None if self.num_classes is None else \
+                    (torch.arange(lo, lo + m) % self.num_classes).to(self.device)
+                x = to_uint8(sample(z, y).float())
+                yield x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # gray -> RGB
+        mu, sigma, _ = self.fid.feature_stats(batches(), self.extractor)
+        return self.fid.frechet_distance(mu, sigma, self.ref["mu"], self.ref["sigma"])
+
+
+def evaluate_fid(s, args, fid_eval, sample, model, log, save):
+    """In-training FID on the main process (shared with the others), logged with its sample
+    count and model; a new best is written to <out>/best.pt with save(s, args, "best.pt")."""
+    score = s.d.broadcast(fid_eval(sample) if s.d.main else None)
+    best = score < s.best_fid
+    log.write({"step": s.step, "fid": score, "fid_samples": args.fid_n, "fid_model": model,
+               "fid_mode": args.fid_mode, "fid_kind": "in-training"})
+    if log.enabled:
+        print(f"step {s.step} | in-training FID ({args.fid_n} samples, {model}): {score:.3f}"
+              + (" (best so far: <out>/best.pt)" if best else ""), flush=True)
+    if best:
+        s.best_fid = score
+        save(s, args, "best.pt")
 
 
 def check_run_args(args):

@@ -191,6 +191,7 @@ def build_parser():
     common.add_run_args(p, steps=66_667, batch=256, lr=3e-5, warmup_steps=500,
                         ema=[0.999, 0.9996, 0.9999], log_every=100, sample_every=5000,
                         save_every=5000)
+    common.add_fid_args(p)
     return p
 
 
@@ -272,7 +273,7 @@ def setup(args, d):
     s.scaler_f = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     s.noise_gen = common.noise_generator(device, args.seed)
 
-    s.step, consumed, s.last_saved = 0, 0, None
+    s.step, consumed, s.last_saved, s.best_fid = 0, 0, None, float("inf")
     path = common.resume_path(args)
     if path:
         ckpt = common.load_checkpoint(path, "resume checkpoint")
@@ -293,7 +294,7 @@ def setup(args, d):
         s.scaler_f.load_state_dict(ckpt.get("scaler_u", {}))
         common.set_rng_state(ckpt["rng"], s.noise_gen, d)
         s.step, consumed = ckpt["step"], ckpt["data_batches"]
-        s.last_saved = s.step
+        s.last_saved, s.best_fid = s.step, ckpt.get("best_fid", float("inf"))
         if d.main:
             print(f"resumed {path} at step {s.step}")
 
@@ -393,8 +394,9 @@ def generator_update(s, args, batch):
     return total, gan_total, norm
 
 
-def save(s, args):
-    """<out>/latest.pt (atomically) in the authors' layout, plus our config and resume state."""
+def save(s, args, name="latest.pt"):
+    """<out>/latest.pt (or best.pt), written atomically, in the authors' layout plus our config
+    and resume state."""
     ckpt = {"gen": s.gen.state_dict(), "u": s.fake.state_dict(),
             "ema_gens": {k: m.state_dict() for k, m in s.emas.items()},
             "optim_gen": s.opt_g.state_dict(), "optim_u": s.opt_f.state_dict(),
@@ -404,12 +406,13 @@ def save(s, args):
                        "args": common.json_safe(vars(args))},
             "scaler_gen": s.scaler_g.state_dict(), "scaler_u": s.scaler_f.state_dict(),
             "rng": common.rng_state(s.noise_gen, s.d),
-            "data_batches": s.batches.consumed if s.batches else 0}
+            "data_batches": s.batches.consumed if s.batches else 0, "best_fid": s.best_fid}
     if s.d.main:
-        common.save_checkpoint(ckpt, os.path.join(args.out, "latest.pt"))
-        if args.snapshot_every and s.step % args.snapshot_every == 0:
+        common.save_checkpoint(ckpt, os.path.join(args.out, name))
+        if name == "latest.pt" and args.snapshot_every and s.step % args.snapshot_every == 0:
             common.save_checkpoint(ckpt, common.snapshot_name(args.out, s.step))
-    s.last_saved = s.step
+    if name == "latest.pt":
+        s.last_saved = s.step
 
 
 @torch.no_grad()
@@ -437,6 +440,8 @@ def main(args):
         print(f"{mode}{' + GAN' if s.gan else ''}; teacher {args.teacher} "
               f"({'cond' if s.cond else 'uncond'} {'x'.join(map(str, s.shape))}); "
               f"device {d.device}, {d.world} process(es)")
+    fid_eval = common.InTrainingFID(args, d.device, s.shape, s.cfg["num_classes"]) \
+        if args.fid_every and d.main else None
     grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
     grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)
     if d.main and args.sample_every and s.step == 0:
@@ -459,7 +464,7 @@ def main(args):
 
         step = s.step
         if step % args.log_every == 0 or step == args.steps:
-            n = args.log_every if step % args.log_every == 0 else step % args.log_every
+            n = step - log.last_step  # steps since the last record (also after a resume)
             values = {k: d.mean(v / n) for k, v in running.items()}
             values.update(grad_norm_gen=norm_g, grad_norm_fake=norm_f,
                           lr=s.sched_g.get_last_lr()[0])
@@ -468,6 +473,10 @@ def main(args):
                 v.zero_()
         if d.main and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             save_grids(s, args, grid_z, grid_y)
+        if args.fid_every and step % args.fid_every == 0:
+            ema = s.emas[common.ema_key(args.ema[0])]
+            common.evaluate_fid(s, args, fid_eval, lambda z, y: generate(ema, z, y),
+                                f"EMA {args.ema[0]}, one step", log, save)
         if step % args.save_every == 0 or step == args.steps or (
                 args.snapshot_every and step % args.snapshot_every == 0):
             save(s, args)

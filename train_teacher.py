@@ -48,7 +48,8 @@ def build_parser():
                         ema=[0.999, 0.9996, 0.9999], log_every=100, sample_every=5000,
                         save_every=5000)
     p.add_argument("--sample-nfe", type=int, default=100,
-                   help="Euler steps for the sample grids (teacher sampling, SPEC 1)")
+                   help="Euler steps for the sample grids and in-training FID (SPEC 1)")
+    common.add_fid_args(p)
     return p
 
 
@@ -81,7 +82,7 @@ def setup(args, d):
     s.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     s.noise_gen = common.noise_generator(device, args.seed)
 
-    s.step, consumed, s.last_saved = 0, 0, None
+    s.step, consumed, s.last_saved, s.best_fid = 0, 0, None, float("inf")
     path = common.resume_path(args)
     if path:
         ckpt = common.load_checkpoint(path, "resume checkpoint")
@@ -97,7 +98,7 @@ def setup(args, d):
         s.scaler.load_state_dict(ckpt.get("scaler", {}))
         common.set_rng_state(ckpt["rng"], s.noise_gen, d)
         s.step, consumed = ckpt["step"], ckpt["data_batches"]
-        s.last_saved = s.step
+        s.last_saved, s.best_fid = s.step, ckpt.get("best_fid", float("inf"))
         if d.main:
             print(f"resumed {path} at step {s.step}")
 
@@ -138,19 +139,21 @@ def teacher_update(s, args, batch):
     return total, norm
 
 
-def save(s, args):
-    """<out>/latest.pt (atomically) in the authors' layout, plus our config and resume state."""
+def save(s, args, name="latest.pt"):
+    """<out>/latest.pt (or best.pt), written atomically, in the authors' layout plus our config
+    and resume state."""
     ckpt = {"net_model": s.net.state_dict(),
             "ema_models": {k: m.state_dict() for k, m in s.emas.items()},
             "optim": s.opt.state_dict(), "sched": s.sched.state_dict(), "step": s.step,
             "config": {"kind": "teacher", "net": s.cfg, "args": common.json_safe(vars(args))},
             "scaler": s.scaler.state_dict(), "rng": common.rng_state(s.noise_gen, s.d),
-            "data_batches": s.batches.consumed}
+            "data_batches": s.batches.consumed, "best_fid": s.best_fid}
     if s.d.main:
-        common.save_checkpoint(ckpt, os.path.join(args.out, "latest.pt"))
-        if args.snapshot_every and s.step % args.snapshot_every == 0:
+        common.save_checkpoint(ckpt, os.path.join(args.out, name))
+        if name == "latest.pt" and args.snapshot_every and s.step % args.snapshot_every == 0:
             common.save_checkpoint(ckpt, common.snapshot_name(args.out, s.step))
-    s.last_saved = s.step
+    if name == "latest.pt":
+        s.last_saved = s.step
 
 
 def main(args):
@@ -164,6 +167,8 @@ def main(args):
         print(f"teacher: {sum(p.numel() for p in s.params):,} parameters, data "
               f"{s.data_size} images {'x'.join(map(str, s.shape))}, device {d.device}, "
               f"{d.world} process(es)")
+    fid_eval = common.InTrainingFID(args, d.device, s.shape, s.cfg["num_classes"]) \
+        if args.fid_every and d.main else None
     grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
     grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)
 
@@ -176,7 +181,7 @@ def main(args):
 
         step = s.step
         if step % args.log_every == 0 or step == args.steps:
-            n = args.log_every if step % args.log_every == 0 else step % args.log_every
+            n = step - log.last_step  # steps since the last record (also after a resume)
             log.step(step, {"loss_fm": d.mean(running / n), "grad_norm": grad_norm,
                             "lr": s.sched.get_last_lr()[0]}, d.device)
             running.zero_()
@@ -185,6 +190,11 @@ def main(args):
                              args.sample_nfe)
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             common.save_grid(x, os.path.join(args.out, "samples", f"{step:07d}_ema.png"))
+        if args.fid_every and step % args.fid_every == 0:
+            ema = s.emas[common.ema_key(args.ema[0])]
+            common.evaluate_fid(s, args, fid_eval,
+                                lambda z, y: sample.euler(ema, z, y, args.sample_nfe),
+                                f"EMA {args.ema[0]}, {args.sample_nfe} Euler steps", log, save)
         if step % args.save_every == 0 or step == args.steps or (
                 args.snapshot_every and step % args.snapshot_every == 0):
             save(s, args)

@@ -20,33 +20,11 @@ from scipy import linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402
+from conftest import random_inception_state_dict  # noqa: E402,F401  (and the `weights` fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The random test weights are not the standard file: fid.py warns about it on every load.
 pytestmark = pytest.mark.filterwarnings("ignore:.*not comparable with published FIDs")
-
-
-def random_inception_state_dict(seed=0):
-    """FID Inception with He-initialised convolutions, random BatchNorm affine parameters and
-    running statistics calibrated on a few smooth random images, so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    net = fid.FIDInceptionV3()
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight[0].numel())
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=g)
-            m.bias.data = 0.2 * torch.randn(m.bias.shape, generator=g)
-            m.momentum = None  # running stats = plain average over the calibration pass
-        elif isinstance(m, torch.nn.Linear):
-            m.weight.data = 0.02 * torch.randn(m.weight.shape, generator=g)
-            m.bias.data = 0.02 * torch.randn(m.bias.shape, generator=g)
-    x = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, size=(299, 299),
-                                        mode="bilinear", align_corners=False)
-    net.train()
-    with torch.no_grad():
-        net(x)
-    return net.state_dict()
 
 
 def random_images(n, size=32, seed=0):
@@ -57,13 +35,6 @@ def random_images(n, size=32, seed=0):
     noise = torch.rand(n, 3, size, size, generator=g)
     x = torch.where(torch.arange(n)[:, None, None, None] % 2 == 0, smooth, noise)
     return (x * 255).round().to(torch.uint8)
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("weights") / "random_inception.pth")
-    torch.save(random_inception_state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -209,3 +209,42 @@ def test_help_explains_every_flag(module):
     parser = (distill if module is finetune else module).build_parser()
     for action in parser._actions:
         assert action.help, f"{module.__name__}: {action.option_strings} has no help text"
+
+
+@pytest.mark.filterwarnings("ignore:.*not comparable with published FIDs")
+def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path, weights):
+    import fid
+    extractor = fid.InceptionFeatures(weights, mode="tf", device="cpu")
+    with np.load(tiny_data["uncond"]) as f:
+        images = torch.from_numpy(f["images"][:16]).permute(0, 3, 1, 2)
+    mu, sigma, n = fid.feature_stats([images[:8], images[8:]], extractor)
+    ref = tmp_path / "ref.npz"
+    fid.save_stats(ref, mu, sigma, "tf", n, extractor.weights_sha256)
+
+    out = tmp_path / "run"
+    flags = ["--fid-every", 1, "--fid-n", 6, "--fid-batch", 4, "--fid-ref", ref,
+             "--fid-weights", weights]
+    run(distill, ["--teacher", teachers["uncond"], "--data", tiny_data["uncond"], "--out", out,
+                  "--alpha", 0.94, "--beta", 0.96, "--steps", 3, "--fake-steps", 1, "--lr", 1e-3,
+                  "--warmup", 0, *FAST, *flags])
+    fids = [r for r in records(out) if "fid" in r]
+    assert [r["step"] for r in fids] == [1, 2, 3]
+    assert all(r["fid_samples"] == 6 and r["fid_kind"] == "in-training" for r in fids)
+    best = min(fids, key=lambda r: r["fid"])
+    best_ckpt = load(out / "best.pt")
+    assert best_ckpt["step"] == best["step"] and best_ckpt["best_fid"] == best["fid"]
+    assert load(out / "latest.pt")["step"] == 3
+    # the score is the FID of the EMA generator's samples, recomputed independently here
+    ema = unet.UNet(**best_ckpt["config"]["net"]).eval()
+    ema.load_state_dict(best_ckpt["ema_gens"]["0.999"])
+    z = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        x = common.to_uint8(distill.generate(ema, z))
+    mu2, sigma2, _ = fid.feature_stats([x[:4], x[4:]], extractor)
+    assert fid.frechet_distance(mu2, sigma2, mu, sigma) == pytest.approx(best["fid"], rel=1e-6)
+
+    # a wrong reference fails before training, in one line
+    with pytest.raises(SystemExit, match="error: statistics file .* not found"):
+        run(distill, ["--teacher", teachers["uncond"], "--data", tiny_data["uncond"],
+                      "--out", tmp_path / "bad", "--steps", 1, *FAST,
+                      "--fid-every", 1, "--fid-ref", tmp_path / "nope.npz"])
