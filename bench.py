@@ -1,0 +1,264 @@
+"""Where the time of a RealUID update goes: measured updates against their unavoidable passes.
+
+    python bench.py --device cpu --batch-size 8 --threads 1     # the figures quoted in README
+    python bench.py --device cuda --batch-size 256 --precision bf16
+
+Runs the very update functions of distill.py / train_teacher.py on the paper's CIFAR-10
+network (random weights, random uint8 data; nothing is downloaded) and reports, in one run:
+- wall time of a fake-model update, a generator update and a full cycle (--fake-steps + 1);
+- the wall time of each unavoidable pass measured on the same networks and batch, and their
+  sum: a fake update needs G forward without graph at B + f forward and backward at 2B; a
+  generator update needs G forward and backward + v* and f forward with a backward to their
+  inputs only (see the README's cost model);
+- FLOPs per update counted with torch.utils.flop_counter.FlopCounterMode, in units of one
+  U-Net forward pass at batch B, beside the FLOPs of the unavoidable passes counted the same
+  way (the minimum: 7 units each);
+- peak memory, teacher training (one flow-matching update) and one-step sampling (images/s).
+Prints a table and writes JSON (with the machine description) to --out.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import distill
+import train_teacher
+import unet
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type == "npu":
+        torch.npu.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Median wall time of fn() over `repeats` calls (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def machine():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def random_teacher(path, cond):
+    """A paper-size teacher file with random weights (zero-initialised layers made non-zero so
+    that every network computes something)."""
+    torch.manual_seed(0)
+    net = unet.UNet(num_classes=10 if cond else None)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1 and p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    sd = net.state_dict()
+    torch.save({"net_model": sd, "ema_models": {"0.999": sd}, "step": 0,
+                "config": {"kind": "teacher", "net": net.config}}, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda, npu, mps or cpu (default: the best)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch B of one update")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision of the networks")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--fake-steps", type=int, default=5, help="fake updates per cycle")
+    p.add_argument("--cond", action="store_true", help="class-conditional network")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--out", default="benchmarks/results/bench.json", help="JSON output")
+    return p.parse_args(argv)
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="realuid_bench_")
+    teacher_path, data_path = os.path.join(tmp, "teacher.pt"), os.path.join(tmp, "data.npz")
+    random_teacher(teacher_path, args.cond)
+    rng = np.random.default_rng(0)
+    n = max(4 * args.batch_size, 64)
+    np.savez(data_path, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+             labels=rng.integers(0, 10, n))
+    common_flags = ["--data", data_path, "--out", tmp, "--batch-size", args.batch_size,
+                    "--precision", args.precision, "--workers", 0, "--warmup", 0]
+    if args.device:
+        common_flags += ["--device", args.device]
+    if args.channels_last:
+        common_flags.append("--channels-last")
+    if args.compile:
+        common_flags.append("--compile")
+    dargs = distill.parse_args([str(a) for a in ["--teacher", teacher_path, "--alpha", 0.94,
+                                                 "--beta", 0.96, "--fake-steps",
+                                                 args.fake_steps, *common_flags]])
+    d = common.Dist(dargs.device)
+    device = d.device
+    common.configure_backends(device)
+    s = distill.setup(dargs, d)
+    B, R = args.batch_size, args.repeats
+    fake_update = lambda: distill.fake_update(s, dargs, distill.draw(s, dargs))     # noqa: E731
+    gen_update = lambda: distill.generator_update(s, dargs, distill.draw(s, dargs))  # noqa: E731
+
+    def cycle():
+        for _ in range(args.fake_steps):
+            fake_update()
+        gen_update()
+
+    # The unavoidable passes, on the same networks and shapes (SPEC 4 / README cost model).
+    batch = distill.draw(s, dargs)
+    z, x0, t, y = batch["z"], batch["x0"], batch["t"], batch["y"]
+    t_ = t.view(-1, 1, 1, 1)
+    xt = t_ * batch["x_d"] + (1 - t_) * x0
+    xt2, t2 = torch.cat([xt, xt]), torch.cat([t, t])
+    y2 = None if y is None else torch.cat([y, y])
+
+    def g_forward():
+        with torch.no_grad(), s.amp:
+            distill.generate(s.run_gen, z, y)
+
+    def f_forward_backward_2b():
+        with s.amp:
+            out = s.run_fake(t2, xt2, y2)
+        out.float().square().sum().backward()
+        s.fake.zero_grad(set_to_none=True)
+
+    def g_forward_backward():
+        with s.amp:
+            out = distill.generate(s.run_gen, z, y)
+        out.square().sum().backward()
+        s.gen.zero_grad(set_to_none=True)
+
+    def input_backward(run):
+        def pass_():
+            x = xt.detach().requires_grad_(True)
+            with s.amp:
+                out = run(t, x, y)
+            out.float().square().sum().backward()  # parameters frozen: only x gets a gradient
+        return pass_
+
+    def frozen(fn):
+        def pass_():
+            s.fake.requires_grad_(False)
+            fn()
+            s.fake.requires_grad_(True)
+        return pass_
+
+    passes = {"G forward, no graph (B)": g_forward,
+              "f forward + backward (2B)": f_forward_backward_2b,
+              "G forward + backward (B)": g_forward_backward,
+              "v* forward + input backward (B)": input_backward(s.run_teacher),
+              "f forward + input backward (B)": frozen(input_backward(s.run_fake))}
+    fake_passes = list(passes)[:2]
+    gen_passes = list(passes)[2:]
+
+    # warm-up (autotuning, allocator, compile)
+    cycle()
+    for fn in passes.values():
+        fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_fake, t_gen, t_cycle = timed(fake_update, device, R), timed(gen_update, device, R), \
+        timed(cycle, device, R)
+    peak = common.peak_memory_mb(device)
+    t_pass = {k: timed(fn, device, R) for k, fn in passes.items()}
+    fake_min = sum(t_pass[k] for k in fake_passes)
+    gen_min = sum(t_pass[k] for k in gen_passes)
+    cycle_min = args.fake_steps * fake_min + gen_min
+
+    unit = flops(g_forward)  # one U-Net forward at batch B (plus the residual add: no FLOPs)
+    f_fake, f_gen = flops(fake_update) / unit, flops(gen_update) / unit
+    f_pass = {k: flops(fn) / unit for k, fn in passes.items()}
+    f_fake_min = sum(f_pass[k] for k in fake_passes)
+    f_gen_min = sum(f_pass[k] for k in gen_passes)
+
+    # Teacher training (one flow-matching update at batch B, dropout 0.1 as in the paper) and
+    # one-step sampling.
+    targs = train_teacher.parse_args([str(a) for a in common_flags + (
+        ["--cond"] if args.cond else [])])
+    ts = train_teacher.setup(targs, d)
+    teacher_update = lambda: train_teacher.teacher_update(ts, targs,                # noqa: E731
+                                                          train_teacher.draw(ts, targs))
+    teacher_update()
+    t_teacher = timed(teacher_update, device, R)
+    f_teacher = flops(teacher_update) / unit
+    s.gen.eval()
+    t_sample = timed(g_forward, device, R)
+
+    report = {
+        "machine": machine(), "device": str(device), "batch": B, "precision": args.precision,
+        "channels_last": args.channels_last, "compile": args.compile,
+        "fake_steps": args.fake_steps, "repeats": R,
+        "unit_gflops_forward_pass": unit / 1e9,
+        "seconds": {"fake_update": t_fake, "generator_update": t_gen, "cycle": t_cycle,
+                    "passes": t_pass, "fake_update_passes_sum": fake_min,
+                    "generator_update_passes_sum": gen_min, "cycle_passes_sum": cycle_min,
+                    "teacher_update": t_teacher, "one_step_sampling_batch": t_sample},
+        "cycle_over_passes": t_cycle / cycle_min,
+        "flops_in_forward_passes": {"fake_update": f_fake, "generator_update": f_gen,
+                                    "passes": f_pass, "fake_update_minimum": f_fake_min,
+                                    "generator_update_minimum": f_gen_min,
+                                    "teacher_update": f_teacher},
+        "flops_over_minimum": {"fake_update": f_fake / f_fake_min,
+                               "generator_update": f_gen / f_gen_min},
+        "peak_memory_mb": peak,
+        "one_step_images_per_second": B / t_sample,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+
+    m = report["machine"]
+    print(f"{m['cpu']} | {device} | threads {m['threads']} | torch {m['torch']} | batch {B} | "
+          f"{args.precision}")
+    print(f"one forward pass at batch {B}: {unit / 1e9:.1f} GFLOP")
+    print(f"{'':34s}{'wall s':>9s}{'passes s':>10s}{'ratio':>7s}{'FLOPs':>8s}{'minimum':>9s}")
+    rows = [("fake-model update", t_fake, fake_min, f_fake, f_fake_min),
+            ("generator update", t_gen, gen_min, f_gen, f_gen_min),
+            (f"cycle ({args.fake_steps} + 1)", t_cycle, cycle_min,
+             args.fake_steps * f_fake + f_gen, args.fake_steps * f_fake_min + f_gen_min)]
+    for name, wall, minimum, fl, fl_min in rows:
+        print(f"{name:34s}{wall:9.3f}{minimum:10.3f}{wall / minimum:7.2f}{fl:8.2f}{fl_min:9.2f}")
+    for name, sec in t_pass.items():
+        print(f"  {name:32s}{sec:9.3f}{'':17s}{f_pass[name]:8.2f}")
+    print(f"{'teacher update (flow matching)':34s}{t_teacher:9.3f}{'':17s}{f_teacher:8.2f}")
+    print(f"one-step sampling: {B / t_sample:.1f} images/s; peak memory "
+          f"{peak:.0f} MB" if peak else "")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
