@@ -22,7 +22,6 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import unet
 

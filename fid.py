@@ -192,6 +192,30 @@ def preprocess(images, mode):
 # ----------------------------------------------------------------------------------------------
 # Weights file.
 
+def random_inception_state_dict(seed=0):
+    """Random weights for tests and benchmarks (the real file cannot always be downloaded): FID
+    Inception with He-initialised convolutions, random BatchNorm affine parameters and
+    running statistics calibrated on a few smooth random images, so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight[0].numel())
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=g)
+            m.bias.data = 0.2 * torch.randn(m.bias.shape, generator=g)
+            m.momentum = None  # running stats = plain average over the calibration pass
+        elif isinstance(m, torch.nn.Linear):
+            m.weight.data = 0.02 * torch.randn(m.weight.shape, generator=g)
+            m.bias.data = 0.02 * torch.randn(m.bias.shape, generator=g)
+    x = F.interpolate(torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, size=(299, 299),
+                      mode="bilinear", align_corners=False)
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.state_dict()
+
+
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,7 +14,6 @@ Prints a table and writes benchmarks/results/bench_fid_<device>.json with the ma
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -24,34 +23,10 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid  # noqa: E402
-
-
-def random_inception_state_dict(seed=0):
-    """Same recipe as tests/test_fid.py: He-initialised convolutions, random BatchNorm affine
-    parameters, running statistics calibrated on a few smooth random images."""
-    g = torch.Generator().manual_seed(seed)
-    net = fid.FIDInceptionV3()
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight[0].numel())
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=g)
-            m.bias.data = 0.2 * torch.randn(m.bias.shape, generator=g)
-            m.momentum = None
-        elif isinstance(m, torch.nn.Linear):
-            m.weight.data = 0.02 * torch.randn(m.weight.shape, generator=g)
-            m.bias.data = 0.02 * torch.randn(m.bias.shape, generator=g)
-    x = F.interpolate(torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, size=(299, 299), mode="bilinear",
-                      align_corners=False)
-    net.train()
-    with torch.no_grad():
-        net(x)
-    return net.state_dict()
 
 
 def cpu_model():
@@ -116,7 +91,7 @@ def main(args):
         weights = args.weights
         if weights is None:
             weights = os.path.join(tmp, "random_inception.pth")
-            torch.save(random_inception_state_dict(), weights)
+            torch.save(fid.random_inception_state_dict(), weights)
         extractors = build_extractors(weights, device, os.path.join(tmp, "hub"))
         names = list(extractors)
         times = {name: [] for name in names}  # seconds per batch

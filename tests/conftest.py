@@ -1,5 +1,4 @@
 """Shared fixtures: tiny data sets and tiny teachers made by the tests themselves (no download)."""
-import math
 import os
 import sys
 
@@ -87,32 +86,9 @@ def tensors_equal(a, b, path="ckpt"):
     return diffs
 
 
-def random_inception_state_dict(seed=0):
-    """FID Inception with He-initialised convolutions, random BatchNorm affine parameters and
-    running statistics calibrated on a few smooth random images, so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    net = fid.FIDInceptionV3()
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight[0].numel())
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=g)
-            m.bias.data = 0.2 * torch.randn(m.bias.shape, generator=g)
-            m.momentum = None  # running stats = plain average over the calibration pass
-        elif isinstance(m, torch.nn.Linear):
-            m.weight.data = 0.02 * torch.randn(m.weight.shape, generator=g)
-            m.bias.data = 0.02 * torch.randn(m.bias.shape, generator=g)
-    x = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, size=(299, 299),
-                                        mode="bilinear", align_corners=False)
-    net.train()
-    with torch.no_grad():
-        net(x)
-    return net.state_dict()
-
-
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     """A random-weights FID Inception file (the real one cannot be downloaded here)."""
     path = str(tmp_path_factory.mktemp("weights") / "random_inception.pth")
-    torch.save(random_inception_state_dict(), path)
+    torch.save(fid.random_inception_state_dict(), path)
     return path

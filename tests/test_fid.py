@@ -4,7 +4,6 @@ cannot be downloaded in CI), weights-hash handling, statistics files and the com
 When pytorch-fid / torch-fidelity are importable (PYTHONPATH=/opt/ref), the features and the
 distance are also compared with theirs on the same random weights."""
 
-import math
 import os
 import pickle
 import subprocess
@@ -20,7 +19,6 @@ from scipy import linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402
-from conftest import random_inception_state_dict  # noqa: E402,F401  (and the `weights` fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The random test weights are not the standard file: fid.py warns about it on every load.
