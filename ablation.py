@@ -13,7 +13,7 @@ tests those claims at a size that runs in minutes, with the very losses of disti
     python ablation.py --quick --problems analytic         # only the closed-form figure, seconds
 
 What it does (every number goes to <out>/ablation.json, the tables to <out>/ablation.md, the
-figures to <out>/*.png; docs/ablation.md discusses them):
+figures to <out>/*.png; the README's ablation section discusses them):
 1. ring: 2-D data, 8 Gaussians on a circle with unequal weights (2:1), MLP networks. Scenarios
    `weak-teacher` (the teacher is under-trained), `missing-modes` (a good teacher, but the
    generator starts from a data-free distillation of a teacher that never saw two of the modes:
@@ -71,7 +71,7 @@ PAPER = (0.94, 0.96)
 FAKE_STEPS = 5          # fake-model updates per generator update (the official 5 + 1 cycle)
 DATA_SEED, TEACHER_SEED, EVAL_SEED = 1000, 2000, 3000
 
-# Budgets. Fixed from data-free runs alone before the grid was run (docs/ablation.md tells how),
+# Budgets. Fixed from data-free runs alone before the grid was run (the README tells how),
 # not retuned afterwards. --quick and --full use the same per-run budgets; --full adds settings
 # and scenarios. "smoke" is the CI size: seconds, numbers meaningless.
 RING = dict(width=64, depth=3, n_train=5000, batch=128, teacher_lr=1e-3, teacher_steps=3000,
@@ -578,7 +578,7 @@ def realuid(spec):
         r = dict(problem=problem, scenario=m["scenario"], alpha=alpha, beta=beta, seed=m["seed"],
                  curve=curves[i], diverged_at=diverged[i], seconds=(time.perf_counter() - t_start) / n,
                  final=finals[i] if diverged[i] is None else {k: float("nan") for k in finals[i]})
-        if spec.get("return_state") and m["seed"] == spec["return_state"]:
+        if spec.get("return_state") is not None and m["seed"] == spec["return_state"]:
             r["state"] = member_state(ema, i) if problem == "ring" else ema.state_dict()
         out.append(r)
     return out
@@ -666,6 +666,20 @@ def summarise(runs, problem):
             "curve_steps": steps,
             "curve_mean": np.mean(curves, 0).tolist() if curves else []}
     return table
+
+
+def paired_differences(runs, metric):
+    """Per setting, the final main metric minus the data-free run's with the same seed (same
+    fake-model initialisation and noise stream), mean and std over seeds: the seed-to-seed
+    spread of the runs themselves cancels, so small effects of alpha, beta show."""
+    free = {r["seed"]: r["final"][metric] for r in runs if (r["alpha"], r["beta"]) == (1.0, 1.0)}
+    out = {}
+    for r in runs:
+        if r["seed"] in free and (r["alpha"], r["beta"]) != (1.0, 1.0):
+            out.setdefault(key(r["alpha"], r["beta"]), []).append(r["final"][metric] -
+                                                                  free[r["seed"]])
+    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1
+                else float("nan"), "n": len(v)} for k, v in out.items()}
 
 
 def convergence(table, metric_final_key):
@@ -839,11 +853,16 @@ def scenario_markdown(name, res):
            "(lower is better):\n", grid_table(table, metric), "",
            "References: " + ", ".join(f"{k} {v[metric]:.3g}" for k, v in refs.items()) + ".\n",
            "| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    paired = res["paired_vs_data_free"]
+    out[-2] += f" {metric} minus data-free, same seed |"
+    out[-1] += "---|"
     for k, v in table.items():
+        d = paired.get(k)
         out.append(f"| {v['alpha']:g}, {v['beta']:g} | " + " | ".join(
-            fmt(v["mean"][m], v["std"][m]) for m in names) + " |")
+            fmt(v["mean"][m], v["std"][m]) for m in names) + " | " +
+            (fmt(d["mean"], d["std"]) if d else "") + " |")
     for k, v in refs.items():
-        out.append(f"| *{k}* | " + " | ".join(f"{v[m]:.3g}" for m in names) + " |")
+        out.append(f"| *{k}* | " + " | ".join(f"{v[m]:.3g}" for m in names) + " | |")
     c = res["convergence"]
     if c:
         reach = ", ".join(f"{k}: {v if v is not None else 'never'}"
@@ -880,8 +899,6 @@ def build_parser():
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel worker processes (1: everything in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--device", default="cpu",
-                   help="torch device of the main process's figures; the runs use the CPU")
     return p
 
 
@@ -1027,6 +1044,7 @@ def main(args):
         table = summarise(runs, problem)
         res = {"problem": problem, "budget": sp["budget"], "n_seeds": len(args.seeds),
                "reference": ref["reference"], "table": table,
+               "paired_vs_data_free": paired_differences(runs, PRIMARY[problem]),
                "convergence": convergence(table, PRIMARY[problem]),
                "runs": [{k: v for k, v in r.items() if k != "state"} for r in runs]}
         if sc == "missing-modes":
@@ -1059,7 +1077,7 @@ def figures(out, problem, sc, spec, res, ref, runs):
     series = [(k + (" (best)" if k == conv.get("best") else ""), table[k]["curve_steps"],
                table[k]["curve_mean"], COLORS[n]) for n, k in enumerate(shown)]
     hl = [(k, v[metric], c) for (k, v), c in zip(ref["reference"].items(),
-                                                  [(120, 120, 120), (44, 160, 44), (0, 0, 0)])]
+                                                  [(120, 120, 120), (148, 103, 189), (0, 0, 0)])]
     name = f"{problem}_{sc}"
     line_chart(series, f"{problem} / {sc}: {metric} of the EMA generator (mean over seeds)",
                "generator updates", metric, hl).save(os.path.join(out, f"{name}_curves.png"))

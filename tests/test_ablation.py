@@ -248,7 +248,32 @@ def test_quick_mode_at_ci_size_writes_json_markdown_and_figures(tmp_path):
     assert report["wall_seconds"] == data["wall_seconds"]
     md = (out / "ablation.md").read_text()
     assert "| alpha \\ beta | 0.94 | 0.96 | 0.98 | 1 |" in md and "ring / missing-modes" in md
+    assert "sw2 minus data-free, same seed" in md
+    assert ablation.key(*ablation.PAPER) in ring["paired_vs_data_free"]
     for name in ("analytic_heatmaps", "analytic_t0.9", "ring_weak-teacher_curves",
                  "ring_missing-modes_samples", "shapes_imperfect-teacher_samples"):
         with Image.open(out / f"{name}.png") as im:
             assert im.width > 50 and im.height > 50
+    # Sample mosaics: 3 reference panels in the first row, the distilled generators (seed 0)
+    # in a second row.
+    with Image.open(out / "ring_missing-modes_samples.png") as im:
+        assert im.height > 2 * 236
+
+
+def test_paired_differences_by_hand():
+    runs = [dict(alpha=a, beta=b, seed=s, final={"sw2": v}) for a, b, s, v in (
+        (1.0, 1.0, 0, 1.0), (1.0, 1.0, 1, 2.0), (0.94, 0.96, 0, 0.5), (0.94, 0.96, 1, 2.5))]
+    d = ablation.paired_differences(runs, "sw2")
+    assert list(d) == [ablation.key(0.94, 0.96)]
+    assert d[ablation.key(0.94, 0.96)]["mean"] == pytest.approx(0.0)
+    assert d[ablation.key(0.94, 0.96)]["std"] == pytest.approx(np.std([-0.5, 0.5], ddof=1))
+
+
+def test_full_mode_plans_the_whole_grid():
+    budgets, settings, scenarios = ablation.plan(ablation.parse_args(["--full"]))
+    grid = {(a, b) for a in (0.94, 0.96, 0.98, 1.0) for b in (0.94, 0.96, 0.98, 1.0)}
+    for problem in ("ring", "shapes"):
+        assert set(settings[problem]) == grid | {(0.9, 0.9)}
+    assert "good-teacher" in scenarios and budgets["ring"] is ablation.RING
+    _, quick, _ = ablation.plan(ablation.parse_args([]))
+    assert (1.0, 1.0) in quick["ring"] and ablation.PAPER in quick["shapes"]
