@@ -104,16 +104,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def scratch_files(batch_size, cond):
+    """A temporary folder with a random paper-size teacher and random uint8 CIFAR-size data.
+    Returns (folder, teacher path, data path)."""
+    tmp = tempfile.mkdtemp(prefix="realuid_bench_")
+    teacher_path, data_path = os.path.join(tmp, "teacher.pt"), os.path.join(tmp, "data.npz")
+    random_teacher(teacher_path, cond)
+    rng = np.random.default_rng(0)
+    n = max(4 * batch_size, 64)
+    np.savez(data_path, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+             labels=rng.integers(0, 10, n))
+    return tmp, teacher_path, data_path
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp = tempfile.mkdtemp(prefix="realuid_bench_")
-    teacher_path, data_path = os.path.join(tmp, "teacher.pt"), os.path.join(tmp, "data.npz")
-    random_teacher(teacher_path, args.cond)
-    rng = np.random.default_rng(0)
-    n = max(4 * args.batch_size, 64)
-    np.savez(data_path, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-             labels=rng.integers(0, 10, n))
+    tmp, teacher_path, data_path = scratch_files(args.batch_size, args.cond)
     common_flags = ["--data", data_path, "--out", tmp, "--batch-size", args.batch_size,
                     "--precision", args.precision, "--workers", 0, "--warmup", 0]
     if args.device:
