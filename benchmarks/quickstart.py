@@ -1,6 +1,6 @@
 """Run the README's CPU quick start and measure what it achieves.
 
-    python benchmarks/quickstart.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/quickstart.py            # the quick start (4-10 min on 2 CPU cores), then its evaluation
 
 Runs the quick-start commands exactly as README.md lists them (toy data -> teacher -> RealUID
 -> samples), times each, then compares with held-out toy images (same law, another seed) by
@@ -26,7 +26,7 @@ from bench import machine  # noqa: E402
 
 TOY_NET = ("--image-size 16 --num-channels 32 --channel-mult 1,2,2 --num-res-blocks 1 "
            "--attention-resolutions 8 --num-heads 1 --num-head-channels -1")
-# The README's quick start, verbatim.
+# The README's quick start, verbatim (tests/test_pipeline.py checks that the two agree).
 COMMANDS = [
     "python toy_data.py --out runs/toy.npz",
     f"python train_teacher.py --data runs/toy.npz {TOY_NET} --batch-size 64 --lr 1e-3 "

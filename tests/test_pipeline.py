@@ -248,3 +248,15 @@ def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path
         run(distill, ["--teacher", teachers["uncond"], "--data", tiny_data["uncond"],
                       "--out", tmp_path / "bad", "--steps", 1, *FAST,
                       "--fid-every", 1, "--fid-ref", tmp_path / "nope.npz"])
+
+
+def test_readme_quick_start_is_what_the_benchmark_measures():
+    """The figures quoted under the README's quick start come from benchmarks/quickstart.py, which
+    reruns its commands verbatim: the two lists must not drift apart."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import quickstart
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = text.split("## CPU quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    readme = [" ".join(c.split()) for c in block.replace("\\\n", " ").splitlines()]
+    readme = [c.split("#")[0].strip() for c in readme if c.strip()]
+    assert readme == [" ".join(c.split()) for c in quickstart.COMMANDS]
