@@ -9,7 +9,7 @@ tests those claims at a size that runs in minutes, with the very losses of disti
 `train_teacher.flow_matching_loss`:
 
     python ablation.py --quick --out results/ablation    # < 10 min on 2 CPU cores (README)
-    python ablation.py --full --out results/ablation_full  # the whole grid, about 1-2 h
+    python ablation.py --full --out results/ablation_full  # the whole grid, hours (not run yet)
     python ablation.py --quick --problems analytic         # only the closed-form figure, seconds
 
 What it does (every number goes to <out>/ablation.json, the tables to <out>/ablation.md, the
