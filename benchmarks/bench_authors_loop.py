@@ -71,8 +71,7 @@ def torchcfm_copy(net):
     ref = UNetModelWrapper(
         dim=(c["in_channels"], c["image_size"], c["image_size"]), num_channels=c["num_channels"],
         num_res_blocks=c["num_res_blocks"], channel_mult=list(c["channel_mult"]),
-        attention_resolutions=",".join(str(r) for r in c["attention_resolutions"])
-        if not isinstance(c["attention_resolutions"], str) else c["attention_resolutions"],
+        attention_resolutions=",".join(str(r) for r in c["attention_resolutions"]),
         num_heads=c["num_heads"], num_head_channels=c["num_head_channels"], dropout=c["dropout"],
         class_cond=c["num_classes"] is not None, num_classes=c["num_classes"] or 1000)
     ref.load_state_dict(net.state_dict(), strict=True)
