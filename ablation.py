@@ -553,12 +553,12 @@ def realuid(spec):
             with torch.no_grad():
                 x_g = distill.generate(gen, z)
             # The losses average over all n * batch rows; times n, each member gets its own.
-            loss_f = n * distill.fake_model_loss(fake, x_g, x_d, x0, t, None, alpha, beta)
+            loss_f = n * distill.fake_model_loss(fake, x_g, x_d, x0, t, alpha=alpha, beta=beta)
             member_update(fake, opt_f, sched_f, loss_f, b["clip"], n)
         z, x0, t, _ = draw()
         fake.requires_grad_(False)
-        loss_g = n * distill.generator_loss(teacher, fake, distill.generate(gen, z), x0, t, None,
-                                            alpha, beta)
+        loss_g = n * distill.generator_loss(teacher, fake, distill.generate(gen, z), x0, t,
+                                            alpha=alpha, beta=beta)
         member_update(gen, opt_g, sched_g, loss_g, b["clip"], n)
         fake.requires_grad_(True)
         common.ema_update(ema, gen, b["ema"])
@@ -601,7 +601,7 @@ def reference_metrics(spec):
     else:
         fresh = common.from_uint8(shapes_sample(b["n_eval"], EVAL_SEED + 2)[0])
     samples = {"data": fresh, f"teacher_euler{nfe}": run_net(lambda x: sample.euler(teacher, x, None,
-               nfe), z), "one_step_start": run_net(lambda x: distill.generate(gen, x), z)}
+               nfe=nfe), z), "one_step_start": run_net(lambda x: distill.generate(gen, x), z)}
     return {"problem": problem, "scenario": spec["scenario"], "reference": {
         k: metrics(problem, v, ctx) for k, v in samples.items()},
         "samples": {k: v[:1024 if problem == "ring" else 64] for k, v in samples.items()}}

@@ -155,17 +155,17 @@ def main(args):
 
     def g_forward():
         with torch.no_grad(), s.amp:
-            distill.generate(s.run_gen, z, y)
+            distill.generate(s.gen, z, y)
 
     def f_forward_backward_2b():
         with s.amp:
-            out = s.run_fake(t2, xt2, y2)
+            out = s.fake(t2, xt2, y2)
         out.float().square().sum().backward()
         s.fake.zero_grad(set_to_none=True)
 
     def g_forward_backward():
         with s.amp:
-            out = distill.generate(s.run_gen, z, y)
+            out = distill.generate(s.gen, z, y)
         out.square().sum().backward()
         s.gen.zero_grad(set_to_none=True)
 
@@ -187,8 +187,8 @@ def main(args):
     passes = {"G forward, no graph (B)": g_forward,
               "f forward + backward (2B)": f_forward_backward_2b,
               "G forward + backward (B)": g_forward_backward,
-              "v* forward + input backward (B)": input_backward(s.run_teacher),
-              "f forward + input backward (B)": frozen(input_backward(s.run_fake))}
+              "v* forward + input backward (B)": input_backward(s.teacher),
+              "f forward + input backward (B)": frozen(input_backward(s.fake))}
     fake_passes = list(passes)[:2]
     gen_passes = list(passes)[2:]
 

@@ -9,13 +9,17 @@ Nothing here is paper mathematics; the objectives live in the stage scripts
   and each process / micro-batch takes its slice, so that one process, several processes and
   gradient accumulation see identical noise and data (this is what makes them comparable).
 """
+import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -28,9 +32,88 @@ import unet
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+# ---------------------------------------------------------------------------------------------
+# Errors and command lines. Library code raises RealUIDError; only `cli` turns it into a one-line
+# message and an exit code, so that notebooks importing the scripts never see SystemExit.
+
+class RealUIDError(Exception):
+    """Bad input or a run that cannot go on; the message names the problem and the fix."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT / SIGTERM after saving; `code` is the exit status (128 + signal)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 def fail(message):
-    """Stop with a one-line error and exit code 1 (the message names the problem and the fix)."""
-    raise SystemExit(f"error: {message}")
+    """Raise the project's error with a one-line message naming the problem and the fix."""
+    raise RealUIDError(message)
+
+
+def cli(main, parse_args):
+    """Run `main(parse_args())` as a command: errors become one line on stderr and exit code 1,
+    a stopped run exits with 128 + the signal number, a Ctrl-C outside a training loop with 130."""
+    try:
+        main(parse_args())
+    except RealUIDError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        print("interrupted (nothing was saved by this command)", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: ...; see --help`) and --help that shows defaults."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def _number(kind, ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+count = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+unit_interval = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+decay = _number(float, lambda v: 0 < v < 1, "a decay in (0, 1)")
+dropout_rate = _number(float, lambda v: 0 <= v < 1, "a rate in [0, 1)")
+
+
+def decay_or_none(text):
+    """An EMA decay in (0, 1), or 'none' for raw weights (returned as None)."""
+    return None if str(text).lower() == "none" else decay(text)
+
+
+def int_list(text):
+    """Comma-separated integers, e.g. 1,2,2,2 (an empty string is the empty list)."""
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
+                                         "e.g. 1,2,2,2") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,9 +178,15 @@ class Dist:
             device = torch.device(device.type, local_rank)
             getattr(torch, device.type).set_device(device)
         self.device = device
-        if self.world > 1 and not dist.is_initialized():
-            backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        self.cpu_group = None
+        if self.world > 1:
+            if not dist.is_initialized():
+                backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            # The once-per-step agreement on logging, saving and stopping (Control) runs on the
+            # CPU, so that it never waits for the accelerator's queue.
+            self.cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" \
+                else dist.group.WORLD
         self.main = self.rank == 0
 
     def split(self, global_batch, grad_accum):
@@ -108,19 +197,6 @@ class Dist:
                  f"--grad-accum {grad_accum}; choose a multiple of {parts}")
         return global_batch // parts
 
-    def all_reduce_grads(self, params):
-        """Average the gradients over processes: one flat all-reduce (no DDP wrapper, see README)."""
-        if self.world == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def mean(self, x):
         """Average of a tensor over processes (for logged values)."""
         if self.world > 1:
@@ -128,6 +204,14 @@ class Dist:
             dist.all_reduce(x)
             x /= self.world
         return x
+
+    def agree(self, *flags):
+        """Each flag true on every process if it is true on any (one small CPU all-reduce)."""
+        if self.world == 1:
+            return flags
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return tuple(bool(v) for v in t.tolist())
 
     def broadcast(self, value):
         """rank 0's python value on every process."""
@@ -138,7 +222,11 @@ class Dist:
         return box[0]
 
     def close(self):
+        """Leave the process group together: a rank that tears down its connections while
+        another still uses them makes gloo abort ("terminate called without an active
+        exception")."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier(group=self.cpu_group)
             dist.destroy_process_group()
 
 
@@ -185,30 +273,42 @@ def micro_batches(tensors, micro):
         yield {k: (None if v is None else v[lo:lo + micro]) for k, v in tensors.items()}
 
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "mixed")
+
+
 def precision_context(device, precision):
-    """Autocast for the networks; losses and optimizer state stay float32."""
-    if precision == "fp32":
+    """Autocast for the networks (losses and optimizer state stay float32): bf16 or fp16 for
+    every network; "mixed" is bf16 except where a stage wraps a network in full_precision;
+    fp32 and tf32 run without autocast (tf32 is a backend switch, see configure_backends)."""
+    if precision in ("fp32", "tf32"):
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16"
+                          else torch.bfloat16)
 
 
-def configure_backends(device):
+def full_precision(net):
+    """`net` evaluated in float32 even inside an autocast region: the mixed policy runs the
+    teacher and the fake model this way in the generator update, whose gradient is the small
+    difference of their two vector-Jacobian products (see README, Precision)."""
+    def call(t, x, *cond):
+        with torch.autocast(x.device.type, enabled=False):
+            return net(t, x.float(), *cond)
+    return call
+
+
+def configure_backends(device, precision="fp32", deterministic=False):
+    """fp32 means fp32: TF32 matrix products and convolutions on CUDA only with --precision
+    tf32 (PyTorch's own default turns them on for convolutions). --deterministic picks
+    deterministic kernels (cuDNN, cuBLAS workspace) for bit-exact resumes on GPUs."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # autotune convolutions; inputs have fixed shapes
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def prepare_model(net, args):
-    """Memory format and torch.compile as asked; returns the module to call (weights stay in net)."""
-    if args.channels_last:
-        net.to(memory_format=torch.channels_last)
-    if args.compile:
-        if not hasattr(torch, "compile"):
-            fail("--compile needs torch >= 2.0; drop --compile")
-        return torch.compile(net)
-    return net
+        tf32 = precision == "tf32" and not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels by speed
+        torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warns for ops without one
 
 
 def peak_memory_mb(device):
@@ -361,17 +461,21 @@ class Batches:
         self.data, self.batch, self.seed, self.dist = data, global_batch, seed, dist_info
         self.consumed = consumed
         self.per_rank = global_batch // dist_info.world
+        self._epoch = self._order = None
         self.loader = None
         if data.folder is not None and workers > 0:
             self.loader = iter(torch.utils.data.DataLoader(
                 data.folder, batch_sampler=self._rank_indices(), num_workers=workers,
-                pin_memory=dist_info.device.type == "cuda", persistent_workers=True))
+                pin_memory=dist_info.device.type == "cuda", persistent_workers=True,
+                worker_init_fn=_ignore_stop_signals))
 
     def _global_indices(self, k):
         per_epoch = len(self.data) // self.batch
         epoch, i = divmod(k, per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-        return order[i * self.batch:(i + 1) * self.batch]
+        if self._epoch != epoch:  # one permutation per epoch, not one per batch
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        return self._order[i * self.batch:(i + 1) * self.batch]
 
     def _rank_indices(self):
         k = self.consumed
@@ -381,7 +485,9 @@ class Batches:
             k += 1
 
     def next(self):
-        """This process's slice of the next global batch: uint8 images and labels on device."""
+        """This process's slice of the next global batch: uint8 images and labels on device.
+        On CUDA the host copies are page-locked, so the transfer runs asynchronously (a copy
+        from pageable memory would make the host wait for the device's queue)."""
         if self.loader is not None:
             x, y = next(self.loader)
             y = y if self.data.has_labels else None
@@ -389,8 +495,24 @@ class Batches:
             lo = self.dist.rank * self.per_rank
             x, y = self.data.get(self._global_indices(self.consumed)[lo:lo + self.per_rank])
         self.consumed += 1
-        device = self.dist.device
-        return x.to(device, non_blocking=True), (None if y is None else y.to(device))
+        return to_device(x, self.dist.device), to_device(y, self.dist.device)
+
+
+def _ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes its step
+    with them (a terminal's Ctrl-C reaches every process of the group); they still exit when
+    the main process dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def to_device(x, device):
+    """A host tensor on `device` without stalling the host (page-locked on CUDA); None stays."""
+    if x is None or x.device == device:
+        return x
+    if device.type == "cuda" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def flip(x, mask):
@@ -402,23 +524,34 @@ def flip(x, mask):
 # Checkpoints: atomic writes, safe reads, the authors' layouts
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves half a file."""
+    """torch.save to a temporary file, then an atomic rename: a crash (even kill -9) never
+    leaves half a file under `path`, and an interrupted write removes its temporary file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path, what="checkpoint"):
-    """A checkpoint is data: weights_only=True; clear errors for missing or corrupt files."""
+def load_checkpoint(path, what="checkpoint", mmap=False):
+    """A checkpoint is data: weights_only=True; clear errors for missing or corrupt files.
+    mmap=True maps the file instead of reading it (cheap when only a few entries are needed)."""
     if not path:
         fail(f"no {what} given")
     if not os.path.isfile(path):
         fail(f"{what} file not found: {path}; check the path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as e:
         fail(f"cannot read {what} {path}: corrupt or not a PyTorch checkpoint "
              f"({type(e).__name__}); use another copy or an earlier checkpoint")
@@ -460,6 +593,12 @@ def clean_state_dict(sd):
 def ema_key(decay):
     """EMA dictionaries are keyed by str(decay) in the authors' files: 0.999 -> '0.999'."""
     return str(float(decay))
+
+
+def first_ema(ckpt):
+    """The first EMA decay a checkpoint tracks (the authors' files: 0.999), None if none."""
+    emas = ckpt.get("ema_gens" if checkpoint_kind(ckpt) == "distilled" else "ema_models", {})
+    return float(next(iter(emas))) if emas else None
 
 
 def pick_weights(ckpt, ema, path):
@@ -522,9 +661,67 @@ def build_net(cfg, sd=None, gan_head=False, dropout=None, what="weights"):
     return net
 
 
-def load_state(module, sd):
-    """Load a state dict we wrote ourselves (resume): strict, after prefix cleaning."""
-    module.load_state_dict(clean_state_dict(sd), strict=True)
+def load_state(module, sd, what="checkpoint weights"):
+    """Load a state dict into a built network (resume): strict, after prefix cleaning."""
+    try:
+        module.load_state_dict(clean_state_dict(sd), strict=True)
+    except RuntimeError as e:
+        fail(f"{what} do not fit the network ({str(e).splitlines()[1].strip()[:160]}); "
+             "pass the network and GAN flags the checkpoint was made with")
+
+
+def fingerprint(sd):
+    """sha256 (16 hex digits) of a state dict's tensors in key order: names a network's weights
+    exactly, so a resumed run can check that a moved --teacher file is the same teacher."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def describe_data(data):
+    """What a resumed run checks of its data: size and image shape (None: no data used)."""
+    return None if data is None else {"n": len(data), "shape": list(data.shape)}
+
+
+def check_same_inputs(saved_config, teacher_fingerprint, data_desc, path):
+    """A resumed run must see the teacher and data of the run (files may have moved)."""
+    saved = saved_config.get("teacher_fingerprint")
+    if saved and saved != teacher_fingerprint:
+        fail(f"--teacher is not the teacher {path} was trained with (weights differ); pass the "
+             "original teacher file")
+    saved = saved_config.get("data", "unrecorded")
+    if saved != "unrecorded" and saved != data_desc:
+        fail(f"--data is not the data {path} was trained with (it had {saved}, now "
+             f"{data_desc}); pass the original data")
+
+
+def load_authors_adam(opt, state, n_params, path):
+    """An Adam state of the authors' code into our optimizer of `n_params` parameters: their
+    networks always carry the GAN head, registered last, so its entries (absent from our
+    networks without GAN) are dropped; `maximize` is turned off (see distill.continue_authors)
+    and our kernel choice (foreach / fused) is kept."""
+    if len(state.get("param_groups", [])) != 1:
+        fail(f"{path}: expected one Adam parameter group, found "
+             f"{len(state.get('param_groups', []))}")
+    group = state["param_groups"][0]
+    if len(group["params"]) < n_params:
+        fail(f"{path}: its optimizer has {len(group['params'])} parameters, the network "
+             f"{n_params}; pass the network flags of the authors' run")
+    ours = opt.state_dict()["param_groups"][0]
+    kept = {k: ours[k] for k in ("foreach", "fused", "capturable", "differentiable")
+            if k in ours}
+    index = group["params"][:n_params]
+    opt.load_state_dict({
+        "state": {i: state["state"][p] for i, p in enumerate(index) if p in state["state"]},
+        "param_groups": [dict(group, **kept, params=list(range(n_params)), maximize=False)]})
+
+
+def set_warmup_position(sched, updates):
+    """Put a warm-up scheduler (common.warmup) at `updates` updates done."""
+    sched.last_epoch = updates - 1
+    sched.step()
 
 
 def rng_state(gen, dist_info):
@@ -570,39 +767,138 @@ def ema_update(ema_net, net, decay):
     torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
 
 
-def optimizer_step(params, optimizer, scheduler, scaler, dist_info, clip):
-    """Average gradients over processes, unscale, clip, step; returns the pre-clip grad norm."""
-    dist_info.all_reduce_grads(params)
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-    scaler.step(optimizer)
-    scaler.update()
-    with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads, by design
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
+class Objective(torch.nn.Module):
+    """One player's whole objective as a module: its network plus a loss function
+    `loss(net, micro_batch) -> (objective, {name: loss term})`.
+
+    DistributedDataParallel and torch.compile wrap this module rather than the bare network, so
+    that everything the network computes in one update (the fused generated + real pass, the GAN
+    head) is one forward call before one backward. Networks of the other players are reached by
+    the loss function itself, never registered here: DDP neither broadcasts nor reduces them.
+    """
+
+    def __init__(self, net, loss):
+        super().__init__()
+        self.net, self.loss = net, loss
+
+    def forward(self, mb):
+        return self.loss(self.net, mb)
 
 
-def stop_if_not_finite(value, what, step, out, last_saved):
-    """A NaN/inf loss stops the run before the update: the last checkpoint stays good."""
-    if not torch.isfinite(value):
-        kept = (f"the last good checkpoint is {out}/latest.pt (step {last_saved})"
-                if last_saved else "no checkpoint was written")
-        fail(f"the {what} is {value.item()} at step {step}; stopped before updating; {kept}; "
-             "lower --lr or check the inputs")
+class Player:
+    """A trained network with its optimizer, warm-up, gradient scaler and objective.
+
+    `net` holds the weights (EMAs, checkpoints, sampling and the other player read it);
+    `run` computes the objective: the Objective module, inside DistributedDataParallel with
+    several processes (gradient buckets all-reduced while the backward pass runs; `no_sync` for
+    all but the last micro-batch of --grad-accum) and compiled with --compile.
+    """
+
+    def __init__(self, net, loss, args, d, lr, betas, warmup_steps):
+        self.net = net
+        self.objective = Objective(net, loss)
+        self.ddp = None
+        run = self.objective
+        if d.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                broadcast_buffers=False)
+            run = self.ddp
+        if args.compile:
+            run = torch.compile(run, mode=None if args.compile_mode == "default"
+                                else args.compile_mode)
+        self.run, self.params = run, list(net.parameters())
+        self.opt = adam(self.params, lr, betas, d.device)
+        self.sched = warmup(self.opt, warmup_steps)
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=args.precision == "fp16")
+
+    def update(self, batch, micro, amp, clip):
+        """One optimizer update on a batch split into micro-batches of `micro` rows: the mean of
+        the objective over the batch is minimised. Returns ({name: mean term}, pre-clip grad
+        norm), both on the device (read them at log steps only: no synchronisation here)."""
+        chunks = list(micro_batches(batch, micro))
+        totals = {}
+        for i, mb in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else \
+                    contextlib.nullcontext():
+                with amp:
+                    objective, parts = self.run(mb)
+                self.scaler.scale(objective / len(chunks)).backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0) + v.detach() / len(chunks)
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads, by design
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return totals, norm
+
+
+def frozen_alias(net):
+    """A second module on `net`'s very parameter storage that never requires grad: the other
+    player's view of a network. Updates of `net` show through, no parameter gradients are
+    computed through it, and DDP (which wraps `net`) never sees it. Make it after `net` has
+    its final device and memory format (moving a module gives it new storage)."""
+    with torch.device("meta"):
+        alias = type(net)(**net.config)
+    alias.load_state_dict(net.state_dict(), assign=True)
+    return alias.requires_grad_(False).train(net.training)
+
+
+class FiniteCheck:
+    """NaN/inf losses without a host synchronisation per update: each update records, on the
+    device, the first step at which a loss was not finite; `check` reads the record (at log
+    and save steps), so a bad run stops there and never overwrites a good checkpoint."""
+
+    def __init__(self):
+        self.first = {}  # name -> (step, value) of the first non-finite value, step inf if none
+
+    def add(self, name, value, step):
+        value = value.detach().double()
+        if name not in self.first:
+            self.first[name] = (torch.full((), math.inf, dtype=torch.float64,
+                                           device=value.device), torch.zeros_like(value))
+        first_step, first_value = self.first[name]
+        bad = ~torch.isfinite(value) & torch.isinf(first_step)
+        first_step.copy_(torch.where(bad, float(step), first_step))
+        first_value.copy_(torch.where(bad, value, first_value))
+
+    def check(self, d, out, last_saved):
+        for name, (first_step, first_value) in self.first.items():
+            step = first_step.clone()
+            if d.world > 1:
+                dist.all_reduce(step, op=dist.ReduceOp.MIN)
+            if math.isfinite(step.item()):
+                kept = (f"the last good checkpoint is {out}/latest.pt (step {last_saved})"
+                        if last_saved else "no checkpoint was written")
+                fail(f"the {name} is {first_value.item()} at step {int(step.item())}; stopped "
+                     f"without saving; {kept}; lower --lr or check the inputs")
 
 
 # ---------------------------------------------------------------------------------------------
 # Runs: args.json, metrics.jsonl, console status lines, image grids
 
 class RunLog:
-    """Status lines on the console and the same records in <out>/metrics.jsonl (main rank)."""
+    """Status lines on the console and the same records in <out>/metrics.jsonl (main rank).
 
-    def __init__(self, out, total_steps, start_step, enabled=True):
+    Speed and ETA come from the average rate since this process started (or resumed), not
+    from the last interval; records carry the wall-clock time and the run's elapsed training
+    time (continued across resumes)."""
+
+    def __init__(self, out, total_steps, start_step, elapsed=0.0, enabled=True):
         self.out, self.total, self.enabled = out, total_steps, enabled
-        self.last_time, self.last_step = time.perf_counter(), start_step
+        self.start_step, self.start_time, self.elapsed_before = start_step, time.perf_counter(), \
+            elapsed
+        self.last_time, self.last_step = self.start_time, start_step
         self.path = os.path.join(out, "metrics.jsonl")
+
+    def elapsed(self):
+        """Seconds of training in this run so far, resumes included."""
+        return self.elapsed_before + time.perf_counter() - self.start_time
 
     def write(self, record):
         if self.enabled:
@@ -610,24 +906,95 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
     def step(self, step, values, device):
-        """One status line: step, each value, lr, it/s, ETA, peak memory."""
+        """One status line: step, each value, speed, ETA, peak memory; the same record in
+        metrics.jsonl with `sec_per_step` (since the last record), `time`, `elapsed_s`."""
         now = time.perf_counter()
         sec = (now - self.last_time) / max(1, step - self.last_step)
         self.last_time, self.last_step = now, step
         record = {"step": step, **{k: _plain(v) for k, v in values.items()},
-                  "sec_per_step": sec}
+                  "sec_per_step": sec, "time": round(time.time(), 3),
+                  "elapsed_s": round(self.elapsed(), 3)}
         mem = peak_memory_mb(device)
         if mem is not None:
             record["peak_mem_mb"] = round(mem, 1)
         self.write(record)
         if self.enabled:
-            eta = datetime.timedelta(seconds=int(sec * (self.total - step)))
-            parts = [f"{k} {_fmt(v)}" for k, v in record.items() if k not in
-                     ("step", "sec_per_step", "peak_mem_mb")]
+            rate = (step - self.start_step) / max(now - self.start_time, 1e-9)
+            eta = datetime.timedelta(seconds=round((self.total - step) / max(rate, 1e-9)))
+            speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/it"
+            parts = [f"{k} {_fmt(record[k])}" for k in values]
             mem_txt = f" | {mem:.0f} MB" if mem is not None else ""
             print(f"step {step}/{self.total} | " + " | ".join(parts) +
-                  f" | {1 / sec if sec > 0 else 0:.2f} it/s | ETA {eta}{mem_txt}", flush=True)
+                  f" | {speed} | ETA {eta}{mem_txt}", flush=True)
         return record
+
+
+class Control:
+    """When to log, save and stop, decided once per step and agreed by all processes.
+
+    - log: after the first step, then every --log-every steps or --log-seconds, whichever
+      comes first, and at the end;
+    - save <out>/latest.pt: every --save-every steps (0: never by count), every --save-minutes
+      (0: never by time), with every --snapshot-every snapshot, at the end and on a stop;
+    - stop: SIGINT / SIGTERM ask the run to finish its current step, save and exit with
+      128 + the signal number; a second signal (more than a second later: torchrun and
+      schedulers forward one signal twice) stops at once, without saving.
+    Use as a context manager around the training loop (it installs the signal handlers).
+    """
+
+    def __init__(self, args, d, s, script):
+        self.args, self.d, self.s, self.script = args, d, s, script
+        self.start_step = s.step
+        self.last_log = self.last_save = time.monotonic()
+        self.signal, self.signal_time, self.previous = None, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal, self.signal_time = signum, time.monotonic()
+            if self.d.main:
+                print(f"\nreceived {name}: finishing step {self.s.step}, then saving "
+                      f"{self.args.out}/latest.pt (send it again to stop at once, unsaved)",
+                      file=sys.stderr, flush=True)
+        elif time.monotonic() - self.signal_time > 1.0:
+            kept = (f"{self.args.out}/latest.pt is from step {self.s.last_saved}"
+                    if self.s.last_saved else "nothing was saved")
+            raise Interrupted(f"stopped at once by a second {name} during step {self.s.step}, "
+                              f"without saving; {kept}", 128 + signum)
+
+    def due(self, step):
+        """(log, save, stop) after `step`, the same on every process."""
+        a, now = self.args, time.monotonic()
+        last = step >= a.steps
+        log = (step == self.start_step + 1 or step % a.log_every == 0 or last
+               or now - self.last_log >= a.log_seconds)
+        save = (last or (a.save_every and step % a.save_every == 0)
+                or (a.snapshot_every and step % a.snapshot_every == 0)
+                or (a.save_minutes and now - self.last_save >= 60 * a.save_minutes))
+        log, save, stop = self.d.agree(log, save, self.signal is not None)
+        if log:
+            self.last_log = now
+        if save or stop:
+            self.last_save = now
+        return log, save or stop, stop
+
+    def stopped(self, step):
+        """The exception that ends a run stopped by a signal (after its checkpoint is saved)."""
+        signum = self.signal or signal.SIGTERM  # the signal reached another process
+        return Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}/"
+                           f"{self.args.steps}: {self.args.out}/latest.pt written; continue "
+                           f"with: python {self.script} --resume {self.args.out}", 128 + signum)
 
 
 def _plain(v):
@@ -638,9 +1005,13 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def save_args(args, out):
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+def start_run(args, d):
+    """Create <out> and write args.json, once setup has succeeded (a run that fails on its
+    inputs leaves no empty folder behind)."""
+    if d.main:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(json_safe(vars(args)), f, indent=2)
 
 
 def save_grid(x, path, nrow=None):
@@ -677,88 +1048,114 @@ def add_data_args(p, image_size_default=32):
                         "(center-cropped and resized; one sub-folder per class for --cond), or "
                         "an .npz of uint8 images [N, H, W, C] with optional `labels`")
     g.add_argument("--data-root", default="./data", help="where cifar10 is downloaded")
-    g.add_argument("--image-size", type=int, default=image_size_default,
+    g.add_argument("--image-size", type=positive_int, default=image_size_default,
                    help="image side in pixels (CIFAR-10: 32, CelebA: 64)")
-    g.add_argument("--workers", type=int, default=4,
+    g.add_argument("--workers", type=count, default=4,
                    help="data-loading processes for image folders (in-memory data needs none)")
     return g
+
+
+def head_channels(text):
+    value = int(text) if str(text).lstrip("-").isdigit() else None
+    if value is None or not (value >= 1 or value == -1):
+        raise argparse.ArgumentTypeError(f"{text} is not a channel count >= 1 or -1")
+    return value
 
 
 def add_net_args(p):
     g = p.add_argument_group("network (torchcfm UNetModelWrapper names; default: paper CIFAR-10)")
     c = unet.PAPER_CONFIG
-    g.add_argument("--num-channels", type=int, default=c["num_channels"],
+    g.add_argument("--num-channels", type=positive_int, default=c["num_channels"],
                    help="base channel count (multiple of 32)")
-    g.add_argument("--channel-mult", default=",".join(map(str, c["channel_mult"])),
+    g.add_argument("--channel-mult", type=int_list, default=",".join(map(str, c["channel_mult"])),
                    help="channel multiplier per resolution level, e.g. 1,2,2,2")
-    g.add_argument("--num-res-blocks", type=int, default=c["num_res_blocks"],
+    g.add_argument("--num-res-blocks", type=positive_int, default=c["num_res_blocks"],
                    help="residual blocks per level")
-    g.add_argument("--attention-resolutions",
+    g.add_argument("--attention-resolutions", type=int_list,
                    default=",".join(map(str, c["attention_resolutions"])),
                    help="resolutions with self-attention, e.g. 16 (comma separated)")
-    g.add_argument("--num-heads", type=int, default=c["num_heads"], help="attention heads")
-    g.add_argument("--num-head-channels", type=int, default=c["num_head_channels"],
+    g.add_argument("--num-heads", type=positive_int, default=c["num_heads"],
+                   help="attention heads")
+    g.add_argument("--num-head-channels", type=head_channels, default=c["num_head_channels"],
                    help="channels per head (overrides --num-heads; -1: use --num-heads)")
     return g
 
 
 def net_config_from_args(args, in_channels=3, num_classes=None, dropout=0.0):
-    try:
-        mult = [int(m) for m in str(args.channel_mult).split(",")]
-        attn = [int(r) for r in str(args.attention_resolutions).split(",") if r.strip()]
-    except ValueError:
-        fail(f"--channel-mult {args.channel_mult} / --attention-resolutions "
-             f"{args.attention_resolutions}: expected comma-separated integers, e.g. 1,2,2,2")
     return dict(unet.PAPER_CONFIG, image_size=args.image_size, in_channels=in_channels,
-                num_channels=args.num_channels, channel_mult=mult,
+                num_channels=args.num_channels, channel_mult=list(args.channel_mult),
                 num_res_blocks=args.num_res_blocks,
-                attention_resolutions=attn,
+                attention_resolutions=list(args.attention_resolutions),
                 num_heads=args.num_heads, num_head_channels=args.num_head_channels,
                 dropout=dropout, num_classes=num_classes)
 
 
-def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every, save_every):
+def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every, save_every,
+                 precisions=("fp32", "tf32", "bf16", "fp16")):
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/run", help="output folder of the run")
-    g.add_argument("--steps", type=int, default=steps, help="total steps of the run")
-    g.add_argument("--batch-size", type=int, default=batch,
+    g.add_argument("--out", default="runs/run",
+                   help="output folder of the run (with --resume RUN_DIR: RUN_DIR)")
+    g.add_argument("--steps", type=positive_int, default=steps,
+                   help="total steps of the run (a larger value extends a resumed run)")
+    g.add_argument("--batch-size", type=positive_int, default=batch,
                    help="global batch size (split over processes and --grad-accum)")
-    g.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    g.add_argument("--warmup", type=int, default=warmup_steps,
+    g.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    g.add_argument("--warmup", type=count, default=warmup_steps,
                    help="linear learning-rate warm-up, in optimizer updates (0: none)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--ema", type=float, nargs="+", default=ema,
+    g.add_argument("--grad-clip", type=positive_float, default=1.0,
+                   help="gradient-norm clipping")
+    g.add_argument("--ema", type=decay, nargs="+", default=ema,
                    help="EMA decays to track (keys str(decay) in the checkpoint)")
-    g.add_argument("--seed", type=int, default=42, help="random seed")
+    g.add_argument("--seed", type=count, default=42, help="random seed")
     g.add_argument("--device", default=None,
                    help="cuda, cuda:1, npu, mps or cpu (default: the best available)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run exactly: a checkpoint path, or no value for "
-                        "<out>/latest.pt")
-    g.add_argument("--log-every", type=int, default=log_every,
-                   help="status line and metrics.jsonl record every N steps")
-    g.add_argument("--sample-every", type=int, default=sample_every,
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
+                   help="continue a run exactly, with its own flags: a run folder, a checkpoint "
+                        "file, or no value for <out>/latest.pt. Only the flags listed under "
+                        "'resumable' in the README may change (--steps, intervals, device, ...)")
+    g.add_argument("--log-every", type=positive_int, default=log_every,
+                   help="status line and metrics.jsonl record every N steps (and after step 1)")
+    g.add_argument("--log-seconds", type=nonnegative_float, default=30.0,
+                   help="... or after this many seconds, whichever comes first (0: by count)")
+    g.add_argument("--sample-every", type=count, default=sample_every,
                    help="sample grid every N steps (0: never)")
-    g.add_argument("--save-every", type=int, default=save_every,
-                   help="write <out>/latest.pt every N steps (and at the end)")
-    g.add_argument("--snapshot-every", type=int, default=0,
+    g.add_argument("--save-every", type=count, default=save_every,
+                   help="write <out>/latest.pt every N steps (0: only by --save-minutes, at "
+                        "the end and when stopped by SIGINT / SIGTERM)")
+    g.add_argument("--save-minutes", type=nonnegative_float, default=10.0,
+                   help="also write <out>/latest.pt when it is this many minutes old, so that "
+                        "a hard kill loses at most that much (0: never by time)")
+    g.add_argument("--snapshot-every", type=count, default=0,
                    help="also keep a numbered copy <out>/ckpt_<step>.pt every N steps (0: never)")
     s = p.add_argument_group("speed")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast precision of the networks (losses and optimizer in fp32)")
-    s.add_argument("--grad-accum", type=int, default=1,
+    s.add_argument("--precision", choices=list(precisions), default="fp32",
+                   help="fp32 (no TF32); tf32 (TF32 matrix products on CUDA); bf16 / fp16 "
+                        "(autocast, losses and optimizer in fp32, fp16 with gradient scaling)"
+                        + ("; mixed (bf16, but teacher and fake model in fp32 in the generator "
+                           "update, see README)" if "mixed" in precisions else ""))
+    s.add_argument("--grad-accum", type=positive_int, default=1,
                    help="accumulate gradients over K micro-batches (same update as one batch)")
     s.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    s.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each update's objective (network and loss, forward and "
+                        "backward)")
+    s.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; reduce-overhead captures CUDA graphs")
+    s.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (cuDNN, cuBLAS) for bit-exact resumes on a "
+                        "GPU; slower. On a CPU runs are deterministic anyway")
     return g
 
 
 def add_fid_args(p):
     g = p.add_argument_group("in-training FID (cheap and labelled as such; final numbers: fid.py)")
-    g.add_argument("--fid-every", type=int, default=0,
+    g.add_argument("--fid-every", type=count, default=0,
                    help="FID of the first EMA model every N steps, logged to metrics.jsonl; the "
                         "best one is kept as <out>/best.pt (0: never)")
-    g.add_argument("--fid-n", type=int, default=10_000,
+    g.add_argument("--fid-n", type=_number(int, lambda v: v >= 2, "an integer >= 2"),
+                   default=10_000,
                    help="samples per in-training FID (the paper's protocol uses 50,000)")
     g.add_argument("--fid-ref", default=None,
                    help="reference statistics from `python fid.py ref` (e.g. "
@@ -767,8 +1164,87 @@ def add_fid_args(p):
                    help="Inception weights file (default: torch hub cache, see fid.py)")
     g.add_argument("--fid-mode", choices=["tf", "pytorch-fid"], default="tf",
                    help="FID preprocessing (tf: the paper's clean-fid legacy_tensorflow)")
-    g.add_argument("--fid-batch", type=int, default=250, help="images per sampling batch")
+    g.add_argument("--fid-batch", type=positive_int, default=250,
+                   help="images per sampling batch")
     return g
+
+
+# Flags a resumed run may change on the command line: how long, how often, where and how fast
+# it runs. Flags not given are all restored from the checkpoint; giving another value to a flag
+# outside this set is refused. (--teacher and --data may point to moved files: setup checks
+# their content; --init-from only matters at the start of a run.)
+RESUMABLE = {"steps", "out", "resume", "device", "workers", "data_root", "log_every",
+             "log_seconds", "sample_every", "save_every", "save_minutes", "snapshot_every",
+             "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_mode", "fid_batch",
+             "compile", "compile_mode", "channels_last", "deterministic", "teacher", "data",
+             "init_from", "sample_nfe"}
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags present in argv (not those left at their defaults)."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=probe)
+    return {k for k, v in vars(probe).items() if v is not unset}
+
+
+def resume_path(resume, out):
+    """The checkpoint of --resume: a file, a run folder's latest.pt, or <out>/latest.pt."""
+    path = os.path.join(out, "latest.pt") if resume == "latest" else resume
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"--resume: {path} not found; start without --resume or give a run folder or "
+             "checkpoint file")
+    return path
+
+
+def parse_run_args(parser, argv, script, init_hint):
+    """A training script's flags. With --resume, the run's own flags are restored from its
+    checkpoint: flags given on the command line must be RESUMABLE or equal the saved ones.
+    Sets args.resume to the checkpoint path (None without --resume) and args.from_authors for
+    the authors' files, which carry no flags (all then come from the command line)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser.parse_args(argv)
+    args.from_authors = False
+    if args.resume is None:
+        return args
+    given = given_flags(parser, argv)
+    path = resume_path(args.resume, args.out)
+    ckpt = load_checkpoint(path, "resume checkpoint", mmap=True)
+    saved = ckpt.get("config", {}).get("args")
+    args.resume = path
+    if saved is None:  # the authors' layout (or a file written by hand): no flags inside
+        args.from_authors = True
+        return args
+    if "out" not in given:
+        args.out = os.path.dirname(path) or "."
+    differ = []
+    for key, value in vars(args).items():
+        if key not in saved or key in ("out", "resume"):
+            continue
+        if key not in given:
+            setattr(args, key, saved[key])
+        elif key not in RESUMABLE and json_safe(value) != saved[key]:
+            differ.append(f"--{key.replace('_', '-')} {_flag_text(value)} (the run: "
+                          f"{_flag_text(saved[key])})")
+    if differ:
+        fail(f"--resume {path}: {', '.join(differ)} differ from the run's own flags; drop them "
+             f"to continue the run exactly, or start a new run from these weights: python "
+             f"{script} {init_hint.format(path=path)} --out NEW_FOLDER ...")
+    return args
+
+
+def _flag_text(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_resume_step(args, step):
+    """A resumed run must have steps left to run."""
+    if step >= args.steps:
+        fail(f"the run in {args.resume} is already at step {step} of --steps {args.steps}; "
+             "pass a larger --steps to extend it")
 
 
 class InTrainingFID:
@@ -780,15 +1256,10 @@ class InTrainingFID:
         import fid
         if not args.fid_ref:
             fail("--fid-every needs --fid-ref, statistics from `python fid.py ref`")
-        if args.fid_n < 2:
-            fail("--fid-n must be at least 2")
-        try:
-            self.ref = fid.load_stats(args.fid_ref)
-            self.extractor = fid.InceptionFeatures(args.fid_weights, args.fid_mode, device)
-            fid.check_compatible(self.ref, args.fid_ref, self.extractor.mode,
-                                 self.extractor.weights_sha256)
-        except fid.FIDError as e:
-            fail(str(e))
+        self.ref = fid.load_stats(args.fid_ref)  # fid.FIDError is a RealUIDError
+        self.extractor = fid.InceptionFeatures(args.fid_weights, args.fid_mode, device)
+        fid.check_compatible(self.ref, args.fid_ref, self.extractor.mode,
+                             self.extractor.weights_sha256)
         self.fid, self.args, self.device = fid, args, device
         self.shape, self.num_classes = shape, num_classes
 
@@ -823,26 +1294,6 @@ def evaluate_fid(s, args, fid_eval, sample, model, log, save):
     if best:
         s.best_fid = score
         save(s, args, "best.pt")
-
-
-def check_run_args(args):
-    for name in ("steps", "batch_size", "grad_accum", "log_every"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0:
-        fail("--lr must be positive")
-    for d in args.ema:
-        if not 0 < d < 1:
-            fail(f"--ema {d} is not a decay in (0, 1)")
-
-
-def resume_path(args):
-    if args.resume is None:
-        return None
-    path = os.path.join(args.out, "latest.pt") if args.resume == "latest" else args.resume
-    if not os.path.isfile(path):
-        fail(f"--resume: {path} not found; start without --resume or give the checkpoint path")
-    return path
 
 
 def snapshot_name(out, step):

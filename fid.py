@@ -60,15 +60,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+import common
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carries its hash prefix
 MODES = ("tf", "pytorch-fid")
 FEATURE_DIM = 2048
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = common.IMAGE_SUFFIXES
 
 
-class FIDError(ValueError):
+class FIDError(common.RealUIDError, ValueError):
     """Bad input for the FID computation; the message names the problem and the fix."""
 
 
@@ -516,53 +518,47 @@ def iter_batches(images, batch_size):
         yield torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2)
 
 
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    try:
-        import torch_npu  # noqa: F401  (registers the "npu" device)
-        return "npu"
-    except ImportError:
-        pass
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def check_source(source):
+    """Fail early (before any weights download) on an image source that cannot be read."""
+    if source == "cifar10" or os.path.isdir(source) or (source.endswith(".npz") and os.path.isfile(source)):
+        return
+    raise FIDError(f"{source} is not 'cifar10', an image folder or an existing .npz file")
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
 def parse_args(argv=None):
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("feature extraction")
+    shared = argparse.ArgumentParser(add_help=False)
+    g = shared.add_argument_group("feature extraction")
     g.add_argument("--mode", choices=MODES, default="tf",
                    help="preprocessing: 'tf' = TensorFlow FID as in the paper (clean-fid legacy_tensorflow, "
                         "TTUR, torch-fidelity); 'pytorch-fid' = pytorch-fid's resize (default: tf)")
     g.add_argument("--weights", default=None, metavar="PATH",
                    help=f"local {WEIGHTS_NAME}; default: the torch hub cache, downloaded there once if absent")
-    g.add_argument("--batch-size", type=int, default=100, help="images per Inception forward (default: 100)")
+    g.add_argument("--batch-size", type=common.positive_int, default=100,
+                   help="images per Inception forward (default: 100)")
     g.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else npu, else mps, else cpu)")
-    g.add_argument("--workers", type=int, default=8, help="threads decoding image folders (default: 8)")
+    g.add_argument("--workers", type=common.positive_int, default=8,
+                   help="threads decoding image folders (default: 8)")
 
-    parser = argparse.ArgumentParser(description="FID with the TensorFlow protocol (see the module docstring).")
+    parser = common.Parser(description="FID with the TensorFlow protocol (see the module docstring).",
+                           formatter_class=argparse.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    ref = sub.add_parser("ref", parents=[common], help="compute reference statistics (mu, sigma) of a data set")
+    ref = sub.add_parser("ref", parents=[shared], help="compute reference statistics (mu, sigma) of a data set")
     ref.add_argument("--data", required=True,
                      help="'cifar10' (the 50,000 training images, via torchvision), an image folder, "
                           "or an .npz of uint8 [N, H, W, 3] images")
     ref.add_argument("--data-root", default="./data", help="where torchvision keeps CIFAR-10 (default: ./data)")
     ref.add_argument("--out", required=True, help="statistics file to write, e.g. cifar10_train_tf.npz")
-    calc = sub.add_parser("calc", parents=[common], help="FID of sample sets against reference statistics")
+    calc = sub.add_parser("calc", parents=[shared], help="FID of sample sets against reference statistics")
     calc.add_argument("samples", nargs="+",
                       help="sample sets: .npz of uint8 [N, H, W, 3] (as sample.py writes), image folders, "
                            "or statistics .npz files; the paper averages 3 sets of 50,000")
     calc.add_argument("--ref", required=True,
                       help="reference statistics from `fid.py ref` (pytorch-fid / clean-fid files also work)")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def _stats_of_images(source, extractor, args):
@@ -576,47 +572,46 @@ def _stats_of_images(source, extractor, args):
 
 
 def main(args):
+    device = args.device or common.pick_device().type
     try:
-        device = args.device or default_device()
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise FIDError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); pick another --device")
-        extractor = None
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise FIDError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); pick another --device")
+    for source in ([args.data] if args.command == "ref" else args.samples):
+        check_source(source)
+    extractor = None
 
-        def get_extractor():
-            nonlocal extractor
-            if extractor is None:
-                extractor = InceptionFeatures(args.weights, args.mode, device)
-            return extractor
+    def get_extractor():
+        nonlocal extractor
+        if extractor is None:
+            extractor = InceptionFeatures(args.weights, args.mode, device)
+        return extractor
 
-        if args.command == "ref":
-            ext = get_extractor()
-            mu, sigma, n = _stats_of_images(args.data, ext, args)
-            save_stats(args.out, mu, sigma, args.mode, n, weights=ext.weights_sha256)
-            print(f"wrote {args.out}: n={n}, mode={args.mode}")
-            return
+    if args.command == "ref":
+        ext = get_extractor()
+        mu, sigma, n = _stats_of_images(args.data, ext, args)
+        save_stats(args.out, mu, sigma, args.mode, n, weights=ext.weights_sha256)
+        print(f"wrote {args.out}: n={n}, mode={args.mode}")
+        return
 
-        ref = load_stats(args.ref)
-        all_stats = all(is_stats_file(s) for s in args.samples)
-        weights_sha = ref["weights"] if all_stats else get_extractor().weights_sha256
-        check_compatible(ref, args.ref, args.mode, weights_sha)
-        scores = []
-        for source in args.samples:
-            if is_stats_file(source):
-                stats = load_stats(source)
-                check_compatible(stats, source, args.mode, weights_sha)
-                mu, sigma, n = stats["mu"], stats["sigma"], stats["n"]
-            else:
-                mu, sigma, n = _stats_of_images(source, get_extractor(), args)
-            scores.append(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
-            print(f"{source}: FID {scores[-1]:.4f} (n={n}, mode={args.mode}, ref n={ref['n'] or 'unknown'})")
-        if len(scores) > 1:
-            print(f"mean FID {np.mean(scores):.4f} +- {np.std(scores, ddof=1):.4f} "
-                  f"(std over {len(scores)} sets, ddof=1)")
-    except FIDError as e:
-        raise SystemExit(f"fid.py: error: {e}")
+    ref = load_stats(args.ref)
+    all_stats = all(is_stats_file(s) for s in args.samples)
+    weights_sha = ref["weights"] if all_stats else get_extractor().weights_sha256
+    check_compatible(ref, args.ref, args.mode, weights_sha)
+    scores = []
+    for source in args.samples:
+        if is_stats_file(source):
+            stats = load_stats(source)
+            check_compatible(stats, source, args.mode, weights_sha)
+            mu, sigma, n = stats["mu"], stats["sigma"], stats["n"]
+        else:
+            mu, sigma, n = _stats_of_images(source, get_extractor(), args)
+        scores.append(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+        print(f"{source}: FID {scores[-1]:.4f} (n={n}, mode={args.mode}, ref n={ref['n'] or 'unknown'})")
+    if len(scores) > 1:
+        print(f"mean FID {np.mean(scores):.4f} +- {np.std(scores, ddof=1):.4f} "
+              f"(std over {len(scores)} sets, ddof=1)")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

@@ -11,17 +11,23 @@ lr 1e-5, --warmup 0, alpha 0.94, beta 1.0, 16,667 steps (100k updates in all).
 The authors fine-tuned their best distilled checkpoint (EMA 0.999 uncond, 0.9999 cond: pass
 --init-ema 0.9999) and released the result (FID 1.91 uncond / 1.77 cond at EMA 0.9999).
 """
+import common
 import distill
 
 
-def parse_args(argv=None):
+def build_parser():
     p = distill.build_parser()
     p.description = __doc__.split("\n\n")[0]
     p.set_defaults(lr=1e-5, warmup=0, alpha=0.94, beta=1.0, steps=16_667, fake_init="teacher",
                    out="runs/finetune")
-    args = p.parse_args(argv)
-    if not args.init_from:
-        p.error("--init-from is required: the distilled checkpoint whose generator to fine-tune")
+    return p
+
+
+def parse_args(argv=None):
+    args = common.parse_run_args(build_parser(), argv, "finetune.py", distill.INIT_HINT)
+    if not args.init_from and not args.resume:
+        common.fail("--init-from is required: the distilled checkpoint whose generator to "
+                    "fine-tune")
     return args
 
 
@@ -30,4 +36,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

@@ -17,7 +17,6 @@ Images are quantised as in the paper's FID protocol (SPEC 7). Labels are balance
 `arange(n) % classes`, or all equal to --label. Image i depends only on (--seed, i), not on the
 batch size.
 """
-import argparse
 import os
 
 import numpy as np
@@ -28,12 +27,13 @@ import distill
 
 
 @torch.no_grad()
-def euler(v, z, y=None, nfe=100):
-    """Integrate dx/dt = v(t, x, y) from t = 0 (x = z, noise) to t = 1 (data), nfe Euler steps."""
-    x, h = z, 1.0 / nfe
+def euler(v, x0, y=None, s=None, *, nfe=100):
+    """Integrate dx/dt = v(t, x, y[, s]) from t = 0 (x = x0: noise, or a coupling's start) to
+    t = 1 (data) with nfe Euler steps."""
+    x, h = x0, 1.0 / nfe
     for i in range(nfe):
-        t = torch.full((len(z),), i * h, device=z.device, dtype=z.dtype)
-        x = x + h * v(t, x, y).to(x.dtype)
+        t = torch.full((len(x0),), i * h, device=x0.device, dtype=x0.dtype)
+        x = x + h * distill.field(v, t, x, y, s).to(x.dtype)
     return x
 
 
@@ -47,41 +47,50 @@ def latents(seed, start, n, shape):
 
 
 def load_model(path, ema, fallback_cfg):
-    """(network, kind) from any checkpoint: generator weights of a distilled file, else teacher."""
+    """(network, kind, EMA decay used) from any checkpoint: generator weights of a distilled
+    file, else teacher; ema 'first' is the first EMA the file tracks (None: raw weights)."""
     ckpt = common.load_checkpoint(path, "checkpoint")
     kind = common.checkpoint_kind(ckpt)
     if kind is None:
         common.fail(f"{path} holds neither a teacher (net_model/ema_models) nor a generator "
                     f"(gen/ema_gens); keys: {sorted(ckpt)}")
+    ema = common.first_ema(ckpt) if ema == "first" else ema
     sd = common.pick_weights(ckpt, ema, path)
     cfg = common.net_config_from(ckpt, sd, fallback_cfg)
-    return common.build_net(cfg, sd, dropout=0.0, what=f"weights in {path}"), kind
+    return common.build_net(cfg, sd, dropout=0.0, what=f"weights in {path}"), kind, ema
+
+
+def ema_choice(text):
+    """--ema: 'first' (the first EMA the checkpoint tracks), 'none' (raw weights) or a decay."""
+    return "first" if str(text).lower() == "first" else common.decay_or_none(text)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="teacher or distilled checkpoint (ours or the "
                    "authors')")
-    p.add_argument("--ema", default="0.999",
-                   help="EMA decay whose weights to use, or 'none' for the raw weights")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--ema", type=ema_choice, default="first",
+                   help="EMA decay whose weights to use, 'first' for the first EMA the "
+                        "checkpoint tracks (the authors' files: 0.999), 'none' for raw weights")
+    p.add_argument("--n", type=common.positive_int, default=64, help="number of images")
     p.add_argument("--out", nargs="+", default=["samples.png"],
                    help="output file(s): .npz (uint8 NHWC + labels) and/or .png grid")
-    p.add_argument("--seed", type=int, default=0, help="image i uses the noise of (seed, i)")
-    p.add_argument("--nfe", type=int, default=100,
+    p.add_argument("--seed", type=common.count, default=0,
+                   help="image i uses the noise of (seed, i)")
+    p.add_argument("--nfe", type=common.positive_int, default=100,
                    help="Euler steps for a teacher (ignored for a one-step generator)")
-    p.add_argument("--label", type=int, default=None,
+    p.add_argument("--label", type=common.count, default=None,
                    help="class of every image (conditional models; default: balanced)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--batch-size", type=common.positive_int, default=500,
+                   help="images per forward pass")
     p.add_argument("--device", default=None, help="cuda, npu, mps or cpu (default: best)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision of the network")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row")
+    p.add_argument("--nrow", type=common.positive_int, default=None, help="images per grid row")
     net = common.add_net_args(p)
     net.title = ("network of a checkpoint without config (the authors' files: the paper "
                  "network); ours describe themselves")
-    net.add_argument("--image-size", type=int, default=32,
+    net.add_argument("--image-size", type=common.positive_int, default=32,
                      help="image size of a checkpoint without config (CIFAR-10: 32, CelebA: 64)")
     return p
 
@@ -94,12 +103,9 @@ def main(args):
     for out in args.out:
         if not out.endswith((".npz", ".png")):
             common.fail(f"--out {out}: use a .npz (images for FID) or .png (grid) file name")
-    if args.n < 1 or args.nfe < 1 or args.batch_size < 1:
-        common.fail("--n, --nfe and --batch-size must be at least 1")
     device = common.pick_device(args.device)
-    ema = None if str(args.ema).lower() == "none" else float(args.ema)
     fallback = common.net_config_from_args(args)
-    net, kind = load_model(args.ckpt, ema, fallback)
+    net, kind, ema = load_model(args.ckpt, args.ema, fallback)
     net.to(device).eval()
     cfg = net.config
     shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
@@ -115,7 +121,7 @@ def main(args):
         y = None if labels is None else labels[lo:hi].to(device)
         with amp:
             x = distill.generate(net, z, y) if kind == "distilled" else \
-                euler(net, z, y, args.nfe)
+                euler(net, z, y, nfe=args.nfe)
         images.append(common.to_uint8(x.float()).cpu())
         if args.n > args.batch_size:
             print(f"\r{hi}/{args.n} images", end="", flush=True)
@@ -139,4 +145,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

@@ -21,47 +21,53 @@ import os
 import torch
 
 import common
+import distill
 import sample
 
 
-def flow_matching_loss(v, x1, x0, t, y=None):
+def flow_matching_loss(v, x1, x0, t, y=None, s=None):
     """Conditional flow matching (Lipman et al.; paper section 2), minimised by the teacher v.
 
-    x1: data [B, ...], x0: noise like x1, t: [B] in [0, 1], y: labels [B] or None.
-    Returns mean over all elements of (v(t, x_t, y) - (x1 - x0))^2, i.e. F.mse_loss, exactly
+    x1: data [B, ...], x0: the start like x1 (noise, or kappa s + sigma_s eps for a coupling),
+    t: [B] in [0, 1], y: labels [B] or None, s: source images [B, ...] or None (Appendix C).
+    Returns mean over all elements of (v(t, x_t, y[, s]) - (x1 - x0))^2, i.e. F.mse_loss, exactly
     the authors' reduction, with x_t = t x1 + (1 - t) x0.
     """
-    t_ = t.view(-1, *[1] * (x1.dim() - 1))
-    xt = t_ * x1 + (1 - t_) * x0
-    return (v(t, xt, y).to(x1.dtype) - (x1 - x0)).pow(2).mean()
+    xt = distill.interpolate(x1, x0, t)
+    return (distill.field(v, t, xt, y, s).to(x1.dtype) - (x1 - x0)).pow(2).mean()
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.split("\n\n")[0])
     common.add_data_args(p)
     p.add_argument("--cond", action="store_true",
                    help="class-conditional teacher (labels read from the data)")
     net = common.add_net_args(p)
-    net.add_argument("--dropout", type=float, default=0.1, help="dropout of the teacher")
+    net.add_argument("--dropout", type=common.dropout_rate, default=0.1,
+                     help="dropout of the teacher")
     common.add_run_args(p, steps=400_000, batch=256, lr=2e-4, warmup_steps=5000,
                         ema=[0.999, 0.9996, 0.9999], log_every=100, sample_every=5000,
                         save_every=5000)
-    p.add_argument("--sample-nfe", type=int, default=100,
-                   help="Euler steps for the sample grids and in-training FID (SPEC 1)")
+    p.add_argument("--sample-nfe", type=common.positive_int, default=100,
+                   help="Euler steps for the sample grids and in-training FID (the paper's "
+                        "teacher FID uses 100)")
+    p.add_argument("--init-from", default=None,
+                   help="start from the raw weights of this teacher checkpoint (ours or the "
+                        "authors') instead of a fresh network; optimizer state is not taken")
     common.add_fid_args(p)
     return p
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    return common.parse_run_args(build_parser(), argv, "train_teacher.py", "--init-from {path}")
 
 
 def setup(args, d):
-    """Everything a run needs, as one namespace: network, EMAs, optimizer, data, noise.
+    """Everything a run needs, as one namespace: network, EMAs, player, data, noise.
 
-    Initialisation: a fresh network (torchcfm's init: zero output layers), EMAs equal to it.
-    A --resume checkpoint then overrides all state (weights, optimizer, RNG, data position).
+    Initialisation: a fresh network (torchcfm's init: zero output layers; or --init-from's raw
+    weights), EMAs equal to it. A --resume checkpoint then overrides all state (weights,
+    optimizer, RNG, data position).
     """
     device = d.device
     s = argparse.Namespace(d=d, device=device)
@@ -70,45 +76,59 @@ def setup(args, d):
         args, in_channels=data.shape[0], dropout=args.dropout,
         num_classes=data.num_classes if args.cond else None)
     common.check_data(data, cfg, args.cond)
-    s.shape, s.data_size = data.shape, len(data)
+    s.shape, s.data_size, s.data_desc = data.shape, len(data), common.describe_data(data)
 
+    init_sd = None
+    if args.init_from:
+        ickpt = common.load_checkpoint(args.init_from, "--init-from checkpoint")
+        common.require_kind(ickpt, "teacher", args.init_from)
+        init_sd = common.pick_weights(ickpt, None, args.init_from)
     common.seed_init(args.seed)
-    s.net = common.build_net(cfg).to(device)
+    s.net = common.build_net(cfg, init_sd, what=f"--init-from weights {args.init_from}").to(device)
     s.emas = {common.ema_key(decay): copy.deepcopy(s.net).requires_grad_(False).eval()
               for decay in args.ema}
     common.seed_dropout(args.seed, d.rank)
-    s.opt = common.adam(s.net.parameters(), args.lr, (0.9, 0.999), device)
-    s.sched = common.warmup(s.opt, args.warmup)
-    s.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if args.channels_last:
+        for net in (s.net, *s.emas.values()):
+            net.to(memory_format=torch.channels_last)
+    s.player = common.Player(s.net, teacher_objective, args, d, args.lr, (0.9, 0.999),
+                             args.warmup)
     s.noise_gen = common.noise_generator(device, args.seed)
+    s.check = common.FiniteCheck()
 
-    s.step, consumed, s.last_saved, s.best_fid = 0, 0, None, float("inf")
-    path = common.resume_path(args)
-    if path:
-        ckpt = common.load_checkpoint(path, "resume checkpoint")
-        common.require_kind(ckpt, "teacher", path)
+    s.step, consumed, s.last_saved, s.best_fid, s.elapsed = 0, 0, None, float("inf"), 0.0
+    if args.resume:
+        ckpt = common.load_checkpoint(args.resume, "resume checkpoint")
+        common.require_kind(ckpt, "teacher", args.resume)
         if ckpt.get("config", {}).get("net") != cfg:
-            common.fail(f"{path} was trained with another network or data "
+            common.fail(f"{args.resume} was trained with another network or data "
                         f"({ckpt.get('config', {}).get('net')}); use the original flags")
+        common.check_same_inputs(ckpt["config"], None, s.data_desc, args.resume)
         common.load_state(s.net, ckpt["net_model"])
         for k, m in s.emas.items():
             common.load_state(m, ckpt["ema_models"][k])
-        s.opt.load_state_dict(ckpt["optim"])
-        s.sched.load_state_dict(ckpt["sched"])
-        s.scaler.load_state_dict(ckpt.get("scaler", {}))
+        s.player.opt.load_state_dict(ckpt["optim"])
+        s.player.sched.load_state_dict(ckpt["sched"])
+        s.player.scaler.load_state_dict(ckpt.get("scaler", {}))
         common.set_rng_state(ckpt["rng"], s.noise_gen, d)
         s.step, consumed = ckpt["step"], ckpt["data_batches"]
         s.last_saved, s.best_fid = s.step, ckpt.get("best_fid", float("inf"))
+        s.elapsed = ckpt.get("elapsed_s", 0.0)
+        common.check_resume_step(args, s.step)
         if d.main:
-            print(f"resumed {path} at step {s.step}")
+            print(f"resumed {args.resume} at step {s.step}")
 
     s.batches = common.Batches(data, args.batch_size, args.seed, d, args.workers, consumed)
-    s.run_net = common.prepare_model(s.net, args)
     s.micro = d.split(args.batch_size, args.grad_accum)
     s.amp = common.precision_context(device, args.precision)
-    s.params = list(s.net.parameters())
     s.net.train()
     return s
+
+
+def teacher_objective(net, mb):
+    """The teacher's objective on one micro-batch (common.Player): flow matching."""
+    loss = flow_matching_loss(net, mb["x1"], mb["x0"], mb["t"], mb["y"], mb["s"])
+    return loss, {"loss_fm": loss}
 
 
 def draw(s, args):
@@ -121,22 +141,18 @@ def draw(s, args):
     x_u8, y = s.batches.next()
     batch["x1"] = common.flip(common.from_uint8(x_u8), batch.pop("flip"))
     batch["y"] = y if args.cond else None
+    batch["s"] = None
     return batch
 
 
 def teacher_update(s, args, batch):
-    """One optimizer update on the flow-matching loss, then the EMAs; returns (loss, norm)."""
-    total = torch.zeros((), device=s.device)
-    for mb in common.micro_batches(batch, s.micro):
-        with s.amp:
-            loss = flow_matching_loss(s.run_net, mb["x1"], mb["x0"], mb["t"], mb["y"])
-        s.scaler.scale(loss / args.grad_accum).backward()
-        total += loss.detach() / args.grad_accum
-    common.stop_if_not_finite(total, "flow-matching loss", s.step, args.out, s.last_saved)
-    norm = common.optimizer_step(s.params, s.opt, s.sched, s.scaler, s.d, args.grad_clip)
+    """One optimizer update on the flow-matching loss, then the EMAs; returns (loss, norm) on
+    the device."""
+    parts, norm = s.player.update(batch, s.micro, s.amp, args.grad_clip)
+    s.check.add("flow-matching loss", parts["loss_fm"], s.step)
     for decay in args.ema:
         common.ema_update(s.emas[common.ema_key(decay)], s.net, decay)
-    return total, norm
+    return parts["loss_fm"], norm
 
 
 def save(s, args, name="latest.pt"):
@@ -144,10 +160,13 @@ def save(s, args, name="latest.pt"):
     and resume state."""
     ckpt = {"net_model": s.net.state_dict(),
             "ema_models": {k: m.state_dict() for k, m in s.emas.items()},
-            "optim": s.opt.state_dict(), "sched": s.sched.state_dict(), "step": s.step,
-            "config": {"kind": "teacher", "net": s.cfg, "args": common.json_safe(vars(args))},
-            "scaler": s.scaler.state_dict(), "rng": common.rng_state(s.noise_gen, s.d),
-            "data_batches": s.batches.consumed, "best_fid": s.best_fid}
+            "optim": s.player.opt.state_dict(), "sched": s.player.sched.state_dict(),
+            "step": s.step,
+            "config": {"kind": "teacher", "net": s.cfg, "data": s.data_desc,
+                       "args": common.json_safe(vars(args))},
+            "scaler": s.player.scaler.state_dict(), "rng": common.rng_state(s.noise_gen, s.d),
+            "data_batches": s.batches.consumed, "best_fid": s.best_fid,
+            "elapsed_s": s.log.elapsed()}
     if s.d.main:
         common.save_checkpoint(ckpt, os.path.join(args.out, name))
         if name == "latest.pt" and args.snapshot_every and s.step % args.snapshot_every == 0:
@@ -157,49 +176,56 @@ def save(s, args, name="latest.pt"):
 
 
 def main(args):
-    common.check_run_args(args)
     d = common.Dist(args.device)
-    common.configure_backends(d.device)
-    os.makedirs(args.out, exist_ok=True)
+    common.configure_backends(d.device, args.precision, args.deterministic)
     s = setup(args, d)
-    if d.main:
-        common.save_args(args, args.out)
-        print(f"teacher: {sum(p.numel() for p in s.params):,} parameters, data "
-              f"{s.data_size} images {'x'.join(map(str, s.shape))}, device {d.device}, "
-              f"{d.world} process(es)")
     fid_eval = common.InTrainingFID(args, d.device, s.shape, s.cfg["num_classes"]) \
         if args.fid_every and d.main else None
+    common.start_run(args, d)
+    if d.main:
+        print(f"teacher: {sum(p.numel() for p in s.player.params):,} parameters, data "
+              f"{s.data_size} images {'x'.join(map(str, s.shape))}, device {d.device}, "
+              f"{d.world} process(es), {args.precision}")
     grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
     grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)
 
     running = torch.zeros((), device=d.device)
-    log = common.RunLog(args.out, args.steps, s.step, enabled=d.main)
-    while s.step < args.steps:
-        s.step += 1
-        loss, grad_norm = teacher_update(s, args, draw(s, args))
-        running += loss
+    s.log = log = common.RunLog(args.out, args.steps, s.step, s.elapsed, enabled=d.main)
+    with common.Control(args, d, s, "train_teacher.py") as control:
+        while s.step < args.steps:
+            s.step += 1
+            loss, grad_norm = teacher_update(s, args, draw(s, args))
+            running += loss
 
-        step = s.step
-        if step % args.log_every == 0 or step == args.steps:
-            n = step - log.last_step  # steps since the last record (also after a resume)
-            log.step(step, {"loss_fm": d.mean(running / n), "grad_norm": grad_norm,
-                            "lr": s.sched.get_last_lr()[0]}, d.device)
-            running.zero_()
-        if d.main and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            x = sample.euler(s.emas[common.ema_key(args.ema[0])], grid_z, grid_y,
-                             args.sample_nfe)
-            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-            common.save_grid(x, os.path.join(args.out, "samples", f"{step:07d}_ema.png"))
-        if args.fid_every and step % args.fid_every == 0:
-            ema = s.emas[common.ema_key(args.ema[0])]
-            common.evaluate_fid(s, args, fid_eval,
-                                lambda z, y: sample.euler(ema, z, y, args.sample_nfe),
-                                f"EMA {args.ema[0]}, {args.sample_nfe} Euler steps", log, save)
-        if step % args.save_every == 0 or step == args.steps or (
-                args.snapshot_every and step % args.snapshot_every == 0):
-            save(s, args)
+            step = s.step
+            do_log, do_save, stop = control.due(step)
+            if do_log:
+                s.check.check(d, args.out, s.last_saved)
+                n = step - log.last_step  # steps since the last record (also after a resume)
+                log.step(step, {"loss_fm": d.mean(running / n), "grad_norm": grad_norm,
+                                "lr": s.player.sched.get_last_lr()[0]}, d.device)
+                running.zero_()
+            if d.main and args.sample_every and (step % args.sample_every == 0
+                                                 or step == args.steps):
+                x = sample.euler(s.emas[common.ema_key(args.ema[0])], grid_z, grid_y,
+                                 nfe=args.sample_nfe)
+                os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+                common.save_grid(x, os.path.join(args.out, "samples", f"{step:07d}_ema.png"))
+            if args.fid_every and step % args.fid_every == 0:
+                s.check.check(d, args.out, s.last_saved)
+                ema = s.emas[common.ema_key(args.ema[0])]
+                common.evaluate_fid(s, args, fid_eval,
+                                    lambda z, y: sample.euler(ema, z, y, nfe=args.sample_nfe),
+                                    f"EMA {args.ema[0]}, {args.sample_nfe} Euler steps", log,
+                                    save)
+            if do_save:
+                s.check.check(d, args.out, s.last_saved)
+                save(s, args)
+            if stop:
+                d.close()
+                raise control.stopped(step)
     d.close()
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

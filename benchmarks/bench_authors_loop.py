@@ -148,13 +148,13 @@ def gradients_agree(s, args):
     def rel(a, b):
         return float((a - b).abs().max() / b.abs().max())
 
-    ours_f = grads(s.fake, distill.fake_model_loss(s.fake, x_g, x_d, x0, t, None, args.alpha,
-                                                   args.beta))
+    ours_f = grads(s.fake, distill.fake_model_loss(s.fake, x_g, x_d, x0, t, alpha=args.alpha,
+                                                   beta=args.beta))
     theirs_f = grads(s.fake, authors_fake_objective(s.fake, t, x0, x_g, x_d, None, args.alpha,
                                                     args.beta))
     s.fake.requires_grad_(False)
     ours_g = grads(s.gen, distill.generator_loss(s.teacher, s.fake, distill.generate(s.gen, z),
-                                                 x0, t, None, args.alpha, args.beta))
+                                                 x0, t, alpha=args.alpha, beta=args.beta))
     theirs_g = grads(s.gen, authors_generator_loss(s.fake, s.teacher, t, x0,
                                                    distill.generate(s.gen, z), None, args.alpha,
                                                    args.beta))

@@ -157,7 +157,7 @@ def test_lemma2_optimum_minimises_distill_fake_model_loss(float64):
     def argmin(kind):
         h = lambda t, x: 1 + 0.5 * x  # noqa: E731
         loss = [float(distill.fake_model_loss(lambda t, x, y: field(kind)(t, x) + c * h(t, x),
-                                              x_g, x_d, x0, t, None, alpha, beta))
+                                              x_g, x_d, x0, t, alpha=alpha, beta=beta))
                 for c in (-1.0, 0.0, 1.0)]
         return -(loss[2] - loss[0]) / 2 / (loss[2] + loss[0] - 2 * loss[1])
 

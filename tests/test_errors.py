@@ -1,5 +1,7 @@
 """Bad input fails with a one-line `error: ...` naming the problem, a non-zero exit, and nothing
 half written."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import distill
 import finetune
 import sample
@@ -15,11 +18,24 @@ import train_teacher
 from conftest import FAST, ROOT, TINY_NET, load, run, shapes_dataset
 
 
+def error_of(module, argv):
+    """Run a command line in-process; return its one-line error: the library's RealUIDError,
+    or argparse's (exit code 2, one line on stderr). Fails the test if there is none."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            run(module, argv)
+    except common.RealUIDError as e:
+        return f"error: {e}"
+    except SystemExit as e:
+        assert e.code == 2, e.code
+        return stderr.getvalue().rstrip("\n")
+    pytest.fail(f"{module.__name__} {argv} did not fail")
+
+
 def fails(module, argv, match, out=None):
-    """Run in-process; expect SystemExit with a one-line `error:` message matching `match`."""
-    with pytest.raises(SystemExit) as info:
-        run(module, argv)
-    message = str(info.value.code)
+    """Expect a one-line `error:` message matching `match`, and nothing half written in out."""
+    message = error_of(module, argv)
     assert message.startswith("error: ") and "\n" not in message, message
     assert match in message, message
     if out is not None and os.path.isdir(out):
@@ -93,7 +109,7 @@ def test_cond_flag_with_unconditional_teacher(teachers, tiny_data, tmp_path):
                                         ("--beta", 1.2), ("--gamma", -0.1)])
 def test_coefficients_outside_the_unit_interval(teachers, tiny_data, tmp_path, flag, value):
     fails(distill, distill_args(teachers["uncond"], tiny_data["uncond"], tmp_path, flag, value),
-          f"{flag} {float(value)} is outside (0, 1]", tmp_path)
+          f"argument {flag}: {value} is not a number in (0, 1]", tmp_path)
 
 
 def test_wrong_kind_for_finetuning_and_resume(teachers, tiny_data, tmp_path):
@@ -102,8 +118,10 @@ def test_wrong_kind_for_finetuning_and_resume(teachers, tiny_data, tmp_path):
           "is a teacher checkpoint, but a distill.py", tmp_path)
     fails(distill, distill_args(teachers["uncond"], tiny_data["uncond"], tmp_path, "--resume"),
           "latest.pt not found", tmp_path)
-    fails(train_teacher, ["--data", tiny_data["uncond"], "--out", tmp_path, "--steps", 1,
-                          "--resume", teachers["cond"], *TINY_NET, *FAST], "another network")
+    message = fails(train_teacher, ["--data", tiny_data["cond"], "--out", tmp_path, "--steps", 9,
+                                    "--resume", teachers["cond"], *TINY_NET, "--num-channels",
+                                    64, *FAST], "differ from the run's own flags")
+    assert "--num-channels 64 (the run: 32)" in message and "--init-from" in message
 
 
 def test_batch_larger_than_the_data(teachers, tiny_data, tmp_path):

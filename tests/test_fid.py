@@ -311,12 +311,12 @@ def test_cli_ref_and_calc_on_npz_and_folder(tmp_path, weights, capsys):
     mean = float(out.split("mean FID ")[1].split()[0])
     assert mean == pytest.approx(np.mean(scores), abs=1e-4) and "std over 3 sets" in out
     # mixing modes is refused; bad inputs end with one line naming the fix
-    with pytest.raises(SystemExit, match="fid.py: error: .*--mode tf"):
+    with pytest.raises(fid.FIDError, match=".*--mode tf"):
         run_cli(["calc", sets[0], "--ref", ref, "--mode", "pytorch-fid"] + common, capsys)
     np.savez(tmp_path / "float.npz", images=others.astype(np.float32))
-    with pytest.raises(SystemExit, match="fid.py: error: .*expected uint8 images"):
+    with pytest.raises(fid.FIDError, match=".*expected uint8 images"):
         run_cli(["calc", str(tmp_path / "float.npz"), "--ref", ref] + common, capsys)
-    with pytest.raises(SystemExit, match="fid.py: error: .*statistics file .* not found"):
+    with pytest.raises(fid.FIDError, match=".*statistics file .* not found"):
         run_cli(["calc", sets[0], "--ref", str(tmp_path / "none.npz")] + common, capsys)
 
 

@@ -102,7 +102,7 @@ def test_data_free_generator_gradient_is_flow_distance_gradient():
             torch.rand(n, generator=g)
         fake = gaussian_field(b.detach(), a.detach())  # frozen copy of the student's field
         x_g = distill.generate(generator, z)
-        loss = distill.generator_loss(teacher, fake, x_g, x0, t, None, 1.0, 1.0)
+        loss = distill.generator_loss(teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0)
         return torch.cat(torch.autograd.grad(loss, (a, b)))
 
     mc, se = mc_mean_and_se(mc_grad, 16)
@@ -139,7 +139,7 @@ def fit_fake_model(a, b, alpha, beta, seed, n=200_000):
 
     def closure():
         opt.zero_grad()
-        loss = distill.fake_model_loss(f, x_g, x_d, x0, t, None, alpha, beta)
+        loss = distill.fake_model_loss(f, x_g, x_d, x0, t, alpha=alpha, beta=beta)
         loss.backward()
         return loss
     opt.step(closure)
@@ -153,8 +153,8 @@ def generator_grad(a, b, f, alpha, beta, seed, n=200_000):
     t = T_GRID[torch.randint(len(T_GRID), (n,), generator=g)]
     frozen = AffinePerTime()
     frozen.c0, frozen.c1 = f.c0.detach(), f.c1.detach()
-    loss = distill.generator_loss(gaussian_field(MU, SIGMA), frozen, a * z + b, x0, t, None,
-                                  alpha, beta)
+    loss = distill.generator_loss(gaussian_field(MU, SIGMA), frozen, a * z + b, x0, t,
+                                  alpha=alpha, beta=beta)
     return torch.cat(torch.autograd.grad(loss, (a, b)))
 
 
@@ -206,7 +206,7 @@ def test_lemma2_optimum_minimises_the_fake_model_loss(alpha, beta):
     tt = torch.full((n,), t)
 
     def loss(f):
-        return distill.fake_model_loss(f, x_g, x_d, x0, tt, None, alpha, beta).item()
+        return distill.fake_model_loss(f, x_g, x_d, x0, tt, alpha=alpha, beta=beta).item()
     best = lemma2_optimum(t, gen, data, alpha, beta)
     base = loss(best)
     bumps = [lambda x: torch.ones_like(x), lambda x: x, lambda x: torch.exp(-(x - 0.5) ** 2),
@@ -247,26 +247,27 @@ def test_general_realuid_with_gamma_equal_alpha_is_realuid(alpha, beta):
     x_g, x_d, x0, t = random_batch(2)
     x_g.requires_grad_(True)
 
-    plain = distill.generator_loss(teacher, f, x_g, x0, t, None, alpha, beta)
-    general = distill.general_generator_loss(teacher, f, x_g, x0, t, None, alpha, beta, alpha)
+    plain = distill.generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta)
+    general = distill.general_generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta,
+                                             gamma=alpha)
     assert torch.allclose(plain, general, rtol=1e-10, atol=1e-12)
     g1, = torch.autograd.grad(plain, x_g)
     g2, = torch.autograd.grad(general, x_g)
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
 
     xg = x_g.detach()
-    plain_f = distill.fake_model_loss(f, xg, x_d, x0, t, None, alpha, beta)
-    general_f = distill.general_fake_model_loss(f, teacher, xg, x_d, x0, t, None, alpha, beta,
-                                                alpha)
-    realum_teacher = distill.fake_model_loss(teacher, xg, x_d, x0, t, None, alpha, beta)
+    plain_f = distill.fake_model_loss(f, xg, x_d, x0, t, alpha=alpha, beta=beta)
+    general_f = distill.general_fake_model_loss(teacher, f, xg, x_d, x0, t, alpha=alpha,
+                                                beta=beta, gamma=alpha)
+    realum_teacher = distill.fake_model_loss(teacher, xg, x_d, x0, t, alpha=alpha, beta=beta)
     assert torch.allclose(general_f, plain_f - realum_teacher, rtol=1e-10, atol=1e-12)
     for p, q in zip(torch.autograd.grad(plain_f, f_params),
                     torch.autograd.grad(general_f, f_params)):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
 
     # gamma is really used (the authors' general_dist_loss ignores it): another gamma differs.
-    other = distill.general_generator_loss(teacher, f, x_g, x0, t, None, alpha, beta,
-                                           alpha * 0.9)
+    other = distill.general_generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta,
+                                           gamma=alpha * 0.9)
     assert not torch.allclose(other, general)
 
 
@@ -282,14 +283,14 @@ def test_losses_on_hand_computed_values():
     u_g, u_d = [0.5, 2.0], [-0.5, -1.0]
     # RealUM(f) per sample: alpha f^2 - 2 beta f u_g + (1 - alpha) f^2 - 2 (1 - beta) f u_d
     per = [alpha * 4 - 2 * beta * 2 * ug + 0.2 * 4 - 2 * 0.4 * 2 * ud for ug, ud in zip(u_g, u_d)]
-    got = distill.fake_model_loss(f, x_g, x_d, x0, t, None, alpha, beta)
+    got = distill.fake_model_loss(f, x_g, x_d, x0, t, alpha=alpha, beta=beta)
     assert got.item() == pytest.approx(sum(per) / 2)
     # generator: alpha (v^2 - f^2) - 2 beta (v - f) u_g
     per = [alpha * (1 - 4) - 2 * beta * (-3) * ug for ug in u_g]
-    got = distill.generator_loss(v, f, x_g, x0, t, None, alpha, beta)
+    got = distill.generator_loss(v, f, x_g, x0, t, alpha=alpha, beta=beta)
     assert got.item() == pytest.approx(sum(per) / 2)
     # data-free: the real batch is not needed at all
-    got = distill.fake_model_loss(f, x_g, None, x0, t, None, 1.0, 1.0)
+    got = distill.fake_model_loss(f, x_g, None, x0, t, alpha=1.0, beta=1.0)
     assert got.item() == pytest.approx(sum(4 - 2 * 2 * ug for ug in u_g) / 2)
     # GAN: D = constant logits
     D = lambda t, x, y=None: torch.full((len(x), 1, 1, 1), 0.3)  # noqa: E731
@@ -306,8 +307,8 @@ def test_losses_are_shape_generic_and_use_shared_noise():
     img = lambda t, x, y=None: f(t, x.flatten(1), y).view_as(x)  # noqa: E731
     x_g, x_d, x0, t = random_batch(5, d=12)
     as_img = [x.view(-1, 3, 2, 2) for x in (x_g, x_d, x0)]
-    a = distill.fake_model_loss(f, x_g, x_d, x0, t, None, 0.9, 0.95)
-    b = distill.fake_model_loss(img, *as_img, t, None, 0.9, 0.95)
+    a = distill.fake_model_loss(f, x_g, x_d, x0, t, alpha=0.9, beta=0.95)
+    b = distill.fake_model_loss(img, *as_img, t, alpha=0.9, beta=0.95)
     assert torch.allclose(a, b, rtol=1e-12)
     # the fused forward pass equals two separate passes
     t_ = t[:, None]

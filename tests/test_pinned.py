@@ -62,21 +62,21 @@ def loss_values():
         for label in (None, y):
             key = f"{alpha},{beta},{'y' if label is not None else '-'}"
             loss = distill.fake_model_loss(f, x_g, None if (alpha, beta) == (1, 1) else x_d,
-                                           x0, t, label, alpha, beta)
+                                           x0, t, label, alpha=alpha, beta=beta)
             grad = torch.autograd.grad(loss, f_params)
             out[f"fake {key}"] = [loss.item(), math.sqrt(sum((g * g).sum().item() for g in grad))]
             xg = x_g.clone().requires_grad_(True)
-            loss = distill.generator_loss(teacher, f, xg, x0, t, label, alpha, beta)
+            loss = distill.generator_loss(teacher, f, xg, x0, t, label, alpha=alpha, beta=beta)
             out[f"gen {key}"] = [loss.item(), torch.autograd.grad(loss, xg)[0].norm().item()]
             for gamma in (alpha, 0.9):
-                loss = distill.general_fake_model_loss(f, teacher, x_g, x_d, x0, t, label, alpha,
-                                                       beta, gamma)
+                loss = distill.general_fake_model_loss(teacher, f, x_g, x_d, x0, t, label,
+                                                       alpha=alpha, beta=beta, gamma=gamma)
                 grad = torch.autograd.grad(loss, f_params)
                 out[f"general fake {key},{gamma}"] = [
                     loss.item(), math.sqrt(sum((g * g).sum().item() for g in grad))]
                 xg = x_g.clone().requires_grad_(True)
-                loss = distill.general_generator_loss(teacher, f, xg, x0, t, label, alpha, beta,
-                                                      gamma)
+                loss = distill.general_generator_loss(teacher, f, xg, x0, t, label,
+                                                      alpha=alpha, beta=beta, gamma=gamma)
                 out[f"general gen {key},{gamma}"] = [
                     loss.item(), torch.autograd.grad(loss, xg)[0].norm().item()]
     D = lambda tt, x, yy=None: f(tt, x, yy)[:, :1]  # noqa: E731

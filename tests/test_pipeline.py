@@ -182,7 +182,7 @@ def test_authors_checkpoint_layouts_load(tmp_path, tiny_data):
     with np.load(tmp_path / "g.npz") as f:
         assert f["labels"].tolist() == [0, 1, 2]
     # without the network flags, the paper network is assumed and the tiny weights do not fit
-    with pytest.raises(SystemExit, match="do not fit the network"):
+    with pytest.raises(common.RealUIDError, match="do not fit the network"):
         run(sample, ["--ckpt", gen_file, "--ema", "0.9999", "--n", 3, "--out",
                      tmp_path / "h.npz"])
 
@@ -244,7 +244,7 @@ def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path
     assert fid.frechet_distance(mu2, sigma2, mu, sigma) == pytest.approx(best["fid"], rel=1e-6)
 
     # a wrong reference fails before training, in one line
-    with pytest.raises(SystemExit, match="error: statistics file .* not found"):
+    with pytest.raises(common.RealUIDError, match="statistics file .* not found"):
         run(distill, ["--teacher", teachers["uncond"], "--data", tiny_data["uncond"],
                       "--out", tmp_path / "bad", "--steps", 1, *FAST,
                       "--fid-every", 1, "--fid-ref", tmp_path / "nope.npz"])
