@@ -52,7 +52,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import common
 import distill
@@ -60,6 +60,7 @@ import fid
 import sample
 import train_teacher
 import unet
+from plot import COLORS, FONT, line_chart, mosaic
 
 GRID = (0.94, 0.96, 0.98, 1.0)
 FULL_SETTINGS = [(a, b) for a in GRID for b in GRID] + [(0.9, 0.9)]
@@ -705,59 +706,7 @@ def convergence(table, metric_final_key):
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures with pillow (no matplotlib).
-
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-FONT = ImageFont.load_default()
-
-
-def line_chart(series, title, xlabel, ylabel, hlines=(), size=(640, 400), logy=False):
-    """A line chart: series [(label, xs, ys, colour)], dashed horizontal references
-    [(label, y, colour)]. Returns a PIL image."""
-    W, H = size
-    L, R, T, B = 70, 170, 28, 42
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    ys = [y for _, _, yy, _ in series for y in yy if np.isfinite(y)] + [y for _, y, _ in hlines]
-    xs = [x for _, xx, _, _ in series for x in xx] or [0, 1]
-    f = (lambda v: math.log10(max(v, 1e-12))) if logy else (lambda v: v)
-    lo, hi = (min(map(f, ys)), max(map(f, ys))) if ys else (0, 1)
-    lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-
-    def px(x, y):
-        return (L + (x - x0) / (x1 - x0) * (W - L - R), T + (hi - f(y)) / (hi - lo) * (H - T - B))
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for i in range(5):
-        v = lo + i * (hi - lo) / 4
-        yv = 10 ** v if logy else v
-        _, yp = px(x0, yv)
-        d.line([L - 4, yp, L, yp], fill="black")
-        d.text((4, yp - 6), f"{yv:.3g}", fill="black", font=FONT)
-        xv = x0 + i * (x1 - x0) / 4
-        xp, _ = px(xv, yv)
-        d.line([xp, H - B, xp, H - B + 4], fill="black")
-        d.text((xp - 12, H - B + 6), f"{xv:.4g}", fill="black", font=FONT)
-    d.text((L, 6), title, fill="black", font=FONT)
-    d.text(((W - R + L) // 2 - 40, H - 16), xlabel, fill="black", font=FONT)
-    d.text((4, T - 24), ylabel, fill="black", font=FONT)
-    items = []
-    for label, y, c in hlines:
-        _, yp = px(x0, y)
-        for xa in range(L, W - R, 10):
-            d.line([xa, yp, min(xa + 5, W - R), yp], fill=c)
-        items.append((label + " (dashed)", c))
-    for label, xx, yy, c in series:
-        pts = [px(x, y) for x, y in zip(xx, yy) if np.isfinite(y)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        items.append((label, c))
-    for i, (label, c) in enumerate(items):
-        d.rectangle([W - R + 8, T + 4 + 16 * i, W - R + 18, T + 12 + 16 * i], fill=c)
-        d.text((W - R + 22, T + 2 + 16 * i), label, fill="black", font=FONT)
-    return img
-
+# Figures with pillow (no matplotlib); line_chart, mosaic, COLORS and FONT are plot.py's.
 
 def scatter(points, title, lim=3.2, size=220, centers=None):
     img = Image.new("RGB", (size, size + 16), "white")
@@ -804,16 +753,6 @@ def heatmap(values, title, size=(240, 160)):
     out = Image.new("RGB", (size[0], size[1] + 16), "white")
     out.paste(im, (0, 16))
     ImageDraw.Draw(out).text((2, 2), title, fill="black", font=FONT)
-    return out
-
-
-def mosaic(images, cols, pad=6):
-    w, h = max(i.width for i in images), max(i.height for i in images)
-    rows = math.ceil(len(images) / cols)
-    out = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
-    for n, im in enumerate(images):
-        r, c = divmod(n, cols)
-        out.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return out
 
 
