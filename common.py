@@ -323,10 +323,11 @@ def peak_memory_mb(device):
 # Data: --data cifar10 | a folder of images | an .npz of uint8 images [N, H, W, C] (+ labels)
 
 class ImageData:
-    """uint8 images [N, C, H, W] and int64 labels (or None), in memory or read lazily."""
+    """uint8 images [N, C, H, W], int64 labels (or None) and, for paired data, uint8 sources
+    like the images (or None), in memory or read lazily from a folder."""
 
-    def __init__(self, images=None, labels=None, folder=None):
-        self.images, self.labels, self.folder = images, labels, folder
+    def __init__(self, images=None, labels=None, folder=None, sources=None):
+        self.images, self.labels, self.folder, self.sources = images, labels, folder, sources
 
     def __len__(self):
         return len(self.folder) if self.folder is not None else len(self.images)
@@ -340,18 +341,24 @@ class ImageData:
         return (self.folder.labels if self.folder is not None else self.labels) is not None
 
     @property
+    def has_sources(self):
+        return self.sources is not None
+
+    @property
     def num_classes(self):
         labels = self.folder.labels if self.folder is not None else self.labels
         return None if labels is None else int(labels.max()) + 1
 
     def get(self, index):
+        """(images, labels or None, sources or None) at the given indices."""
         if self.folder is not None:
             items = [self.folder[i] for i in index]
             x = torch.stack([a for a, _ in items])
             y = torch.tensor([b for _, b in items]) if self.has_labels else None
-            return x, y
+            return x, y, None
         index = torch.as_tensor(index)
-        return self.images[index], (None if self.labels is None else self.labels[index])
+        return (self.images[index], None if self.labels is None else self.labels[index],
+                None if self.sources is None else self.sources[index])
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -388,7 +395,8 @@ class FolderImages(torch.utils.data.Dataset):
 
 
 def read_npz_images(path):
-    """uint8 images [N, H, W, C] from an .npz (key `images`, `arr_0` or its only array)."""
+    """uint8 images [N, H, W, C] from an .npz (key `images`, `arr_0` or its only array), its
+    `labels` (or None) and, for a pairs file, its `source` images (or None)."""
     try:
         with np.load(path) as f:
             keys = list(f.keys())
@@ -399,16 +407,22 @@ def read_npz_images(path):
                      "images [N, H, W, C] under the key `images`")
             images = f[key]
             labels = f["labels"] if "labels" in keys else None
+            sources = f["source"] if "source" in keys else None
     except (OSError, ValueError) as e:
         fail(f"cannot read {path} as .npz ({e}); pass an .npz of uint8 images [N, H, W, C]")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        fail(f"{path}: expected uint8 images [N, H, W, C] with C in (1, 3), got "
-             f"{images.dtype} {list(images.shape)}")
-    return images, labels
+    for name, a in (("images", images), ("source", sources)):
+        if a is not None and (a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] not in (1, 3)):
+            fail(f"{path}: expected uint8 {name} [N, H, W, C] with C in (1, 3), got "
+                 f"{a.dtype} {list(a.shape)}")
+    if sources is not None and sources.shape != images.shape:
+        fail(f"pairs file {path}: `source` {list(sources.shape)} and `images` "
+             f"{list(images.shape)} differ in shape; save each source at its target's size")
+    return images, labels, sources
 
 
 def open_data(data, root, image_size):
     """The --data source as ImageData; image_size is used to resize folders, checked otherwise."""
+    sources = None
     if data == "cifar10":
         from torchvision.datasets import CIFAR10
         try:
@@ -421,15 +435,17 @@ def open_data(data, root, image_size):
     elif data.endswith(".npz"):
         if not os.path.isfile(data):
             fail(f"--data {data} does not exist; pass cifar10, an image folder or an .npz file")
-        images, labels = read_npz_images(data)
+        images, labels, sources = read_npz_images(data)
     else:
         fail(f"--data {data} is neither cifar10, an existing folder nor an .npz file")
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    if sources is not None:
+        sources = torch.from_numpy(sources).permute(0, 3, 1, 2).contiguous()
     if labels is not None:
         labels = torch.from_numpy(np.asarray(labels)).long().reshape(-1)
         if len(labels) != len(images):
             fail(f"--data has {len(images)} images but {len(labels)} labels")
-    return ImageData(images, labels)
+    return ImageData(images, labels, sources=sources)
 
 
 def check_data(data, net_config, cond, what="the network"):
@@ -485,17 +501,20 @@ class Batches:
             k += 1
 
     def next(self):
-        """This process's slice of the next global batch: uint8 images and labels on device.
+        """This process's slice of the next global batch on the device: uint8 images, labels
+        (or None) and, for a pairs file, uint8 sources (or None).
         On CUDA the host copies are page-locked, so the transfer runs asynchronously (a copy
         from pageable memory would make the host wait for the device's queue)."""
+        src = None
         if self.loader is not None:
             x, y = next(self.loader)
             y = y if self.data.has_labels else None
         else:
             lo = self.dist.rank * self.per_rank
-            x, y = self.data.get(self._global_indices(self.consumed)[lo:lo + self.per_rank])
+            x, y, src = self.data.get(self._global_indices(self.consumed)[lo:lo + self.per_rank])
         self.consumed += 1
-        return to_device(x, self.dist.device), to_device(y, self.dist.device)
+        device = self.dist.device
+        return to_device(x, device), to_device(y, device), to_device(src, device)
 
 
 def _ignore_stop_signals(worker_id):
@@ -615,6 +634,12 @@ def pick_weights(ckpt, ema, path):
         fail(f"{path} has no EMA {ema_key(ema)}; available: "
              f"{', '.join(available) or 'none'} (or 'none' for the raw weights)")
     return clean_state_dict(available[ema_key(ema)])
+
+
+def same_net(a, b):
+    """Two network configs describe the same network (configs written before a key existed,
+    e.g. cond_channels, hold its default)."""
+    return a is not None and dict(unet.PAPER_CONFIG, **a) == dict(unet.PAPER_CONFIG, **b)
 
 
 def net_config_from(ckpt, sd, fallback):
@@ -1081,8 +1106,9 @@ def add_net_args(p):
     return g
 
 
-def net_config_from_args(args, in_channels=3, num_classes=None, dropout=0.0):
+def net_config_from_args(args, in_channels=3, num_classes=None, dropout=0.0, cond_channels=0):
     return dict(unet.PAPER_CONFIG, image_size=args.image_size, in_channels=in_channels,
+                cond_channels=cond_channels,
                 num_channels=args.num_channels, channel_mult=list(args.channel_mult),
                 num_res_blocks=args.num_res_blocks,
                 attention_resolutions=list(args.attention_resolutions),

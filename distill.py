@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import coupling
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +207,7 @@ def build_parser():
                         "the teacher; labels come from the data)")
     common.add_data_args(p, image_size_default=None).title = (
         "data (--image-size defaults to the teacher's)")
+    coupling.add_args(p, teacher=False)
     common.add_net_args(p).title = ("network of a teacher file without config (the authors' "
                                     "files); ours describe themselves")
     # 66,667 steps x 6 updates = the paper's 400k updates (the official script's default is
@@ -268,6 +270,11 @@ def setup(args, d):
     s.cond = cfg["num_classes"] is not None
     if args.cond and not s.cond:
         common.fail(f"--cond given but the teacher {args.teacher} is unconditional")
+    s.coupling = coupling.for_student(tckpt.get("config", {}).get("coupling"), args.task, None,
+                                      args.teacher)
+    if s.coupling and args.fid_every:
+        common.fail("--fid-every scores noise-to-image models; score an image-to-image "
+                    "generator with `python fid.py pairs` instead")
     g_sd, f_sd = t_sd, None
     if args.init_from:
         ickpt = common.load_checkpoint(args.init_from, "--init-from checkpoint")
@@ -285,11 +292,15 @@ def setup(args, d):
     common.seed_dropout(args.seed, d.rank)
     s.shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
 
-    data = None
-    if s.uses_real:
+    # Real data: the targets when alpha, beta < 1 (or the GAN); a coupling always reads its
+    # sources, and with alpha = beta = 1 never uses the targets (IBMD's data-free setting).
+    data, s.reads_data = None, s.uses_real or s.coupling is not None
+    if s.reads_data:
         data = common.open_data(args.data, args.data_root, cfg["image_size"])
         common.check_data(data, cfg, s.cond, what=f"the teacher {args.teacher}")
+        coupling.for_student(s.coupling, args.task, data, args.teacher)
     s.data_desc = common.describe_data(data)
+    s.grid_pairs = coupling.fixed_pairs(data, s.coupling, 16, device) if s.coupling else None
 
     if args.channels_last:
         for net in (s.teacher, s.gen, s.fake, *s.emas.values()):
@@ -310,7 +321,7 @@ def setup(args, d):
         consumed = restore(s, args)
 
     s.batches = common.Batches(data, args.batch_size, args.seed, d, args.workers, consumed) \
-        if s.uses_real else None
+        if s.reads_data else None
     s.micro = d.split(args.batch_size, args.grad_accum)
     s.amp = common.precision_context(device, args.precision)
     s.gen.train(), s.fake.train()
@@ -324,7 +335,8 @@ def restore(s, args):
     ckpt = common.load_checkpoint(path, "resume checkpoint")
     common.require_kind(ckpt, "distilled", path)
     saved = ckpt.get("config", {})
-    if saved.get("net") != s.cfg or saved.get("gan_head") != s.gan:
+    if not common.same_net(saved.get("net"), s.cfg) or saved.get("gan_head") != s.gan or \
+            saved.get("coupling") != s.coupling:
         common.fail(f"{path} was made with another teacher network or GAN setting; resume "
                     "with the original --teacher and GAN flags")
     common.check_same_inputs(saved, s.teacher_fingerprint, s.data_desc, path)
@@ -446,24 +458,38 @@ def fake_objective(s, args):
 
 def draw(s, args):
     """Fresh noise for the global batch (shared generator), this process's rows, and this
-    process's slice of a fresh real batch (randomly flipped)."""
+    process's slice of a fresh real batch (randomly flipped).
+
+    For a coupling the batch also holds the sources s; the generator's start z = kappa s +
+    sigma eps_g and the interpolations' shared x0 = kappa s + sigma eps0 use independent
+    noise (coupling.py explains why), and with alpha = beta = 1 the targets stay unread."""
     B, device, gen = args.batch_size, s.device, s.noise_gen
     g = {"z": common.randn(gen, (B, *s.shape), device),
          "x0": common.randn(gen, (B, *s.shape), device),
          "t": common.rand(gen, (B,), device)}
     if s.gan:
         g["t_gan"] = 1 - 0.2 * common.rand(gen, (B,), device)
-    if s.uses_real:
+    if s.reads_data:
         g["flip"] = common.rand(gen, (B,), device) < 0.5
     elif s.cond:  # data-free and conditional: labels uniform over the classes
         g["y"] = common.randint(gen, s.cfg["num_classes"], (B,), device)
+    if s.coupling and s.coupling["task"] == "denoise":
+        g["task"] = common.randn(gen, (B, *s.shape), device)
     batch = common.rank_slice(g, s.d)
     batch.setdefault("y", None)
     batch["x_d"], batch["s"] = None, None
-    if s.uses_real:
-        x_u8, y = s.batches.next()
-        batch["x_d"] = common.flip(common.from_uint8(x_u8), batch.pop("flip"))
+    if s.reads_data:
+        x_u8, y, src_u8 = s.batches.next()
+        flip = batch.pop("flip")
+        x1 = common.flip(common.from_uint8(x_u8), flip)
         batch["y"] = y if s.cond else None
+        if s.uses_real:
+            batch["x_d"] = x1
+        if s.coupling:
+            c = s.coupling
+            batch["s"] = coupling.make_source(c, x1, src_u8, flip, batch.pop("task", None))
+            batch["z"] = coupling.start(batch["s"], batch["z"], c["kappa"], c["sigma"])
+            batch["x0"] = coupling.start(batch["s"], batch["x0"], c["kappa"], c["sigma"])
     return batch
 
 
@@ -491,6 +517,7 @@ def save(s, args, name="latest.pt"):
             "optim_gen": s.g.opt.state_dict(), "optim_u": s.f.opt.state_dict(),
             "sched": s.g.sched.state_dict(), "sched_u": s.f.sched.state_dict(), "step": s.step,
             "config": {"kind": "distilled", "net": s.cfg, "gan_head": s.gan,
+                       "coupling": s.coupling,
                        "step_unit": f"{args.fake_steps} fake-model updates + 1 generator update",
                        "teacher_fingerprint": s.teacher_fingerprint, "data": s.data_desc,
                        "args": common.json_safe(vars(args))},
@@ -508,12 +535,20 @@ def save(s, args, name="latest.pt"):
 
 @torch.no_grad()
 def save_grids(s, args, z, y):
-    """Grids of the raw and the first EMA generator from a fixed latent batch."""
+    """Grids of the raw and the first EMA generator from a fixed latent batch; for a coupling,
+    rows source | output | target of 16 fixed data pairs."""
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    if s.coupling:
+        src, x1, labels = s.grid_pairs
+        c, n = s.coupling, len(src)
+        z, y = coupling.start(src, z[:n], c["kappa"], c["sigma"]), labels if s.cond else None
     for name, net in (("gen", s.gen), (f"ema{args.ema[0]}", s.emas[common.ema_key(args.ema[0])])):
         net.eval()
-        common.save_grid(generate(net, z, y),
-                         os.path.join(args.out, "samples", f"{s.step:07d}_{name}.png"))
+        path = os.path.join(args.out, "samples", f"{s.step:07d}_{name}.png")
+        if s.coupling:
+            common.save_grid(torch.cat([src, generate(net, z, y, src), x1]), path, nrow=n)
+        else:
+            common.save_grid(generate(net, z, y), path)
     s.gen.train()
 
 
@@ -529,8 +564,11 @@ def main(args):
         mode = "data-free UID" if not s.uses_real else \
             f"RealUID alpha={s.alpha} beta={s.beta}" + (
                 f" gamma={s.gamma} (General)" if s.general else "")
+        pairs = "" if not s.coupling else (
+            f", image-to-image {s.coupling['task'] or 'pairs file'} on the "
+            f"{s.coupling['path']} path")
         print(f"{mode}{' + GAN' if s.gan else ''}; teacher {args.teacher} "
-              f"({'cond' if s.cond else 'uncond'} {'x'.join(map(str, s.shape))}); "
+              f"({'cond' if s.cond else 'uncond'} {'x'.join(map(str, s.shape))}{pairs}); "
               f"device {d.device}, {d.world} process(es), {args.precision}")
     grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
     grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)

@@ -45,6 +45,7 @@ frechet_distance and load_stats.
 import argparse
 import contextlib
 import hashlib
+import json
 import math
 import os
 import sys
@@ -397,6 +398,26 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 # ----------------------------------------------------------------------------------------------
 # Statistics files.
 
+def pixel_frechet_distance(a, b):
+    """Frechet distance between two uint8 image sets ([N, ...], any layout) in pixel space:
+    each image a vector of C*H*W values in [0, 1], means and covariances in float64. A cheap,
+    Inception-free distance for small images (16x16x3 = 768 dimensions)."""
+    stats = []
+    for x in (a, b):
+        x = np.asarray(x).reshape(len(x), -1).astype(np.float64) / 255
+        stats += [x.mean(0), np.cov(x, rowvar=False)]
+    return frechet_distance(*stats)
+
+
+def local_weights(path=None):
+    """The Inception weights file if it is here (--weights, or the torch hub cache), else None:
+    never downloads (for scores that are optional, such as `fid.py pairs`)."""
+    if path is not None:
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
+    return cached if os.path.isfile(cached) else None
+
+
 def save_stats(path, mu, sigma, mode, n, weights=None):
     """Write mu, sigma (float64), mode, n (and the weights' SHA-256 if given) to the .npz `path`,
     atomically (temporary file in the same directory, then os.replace)."""
@@ -558,6 +579,25 @@ def parse_args(argv=None):
                            "or statistics .npz files; the paper averages 3 sets of 50,000")
     calc.add_argument("--ref", required=True,
                       help="reference statistics from `fid.py ref` (pytorch-fid / clean-fid files also work)")
+    pairs = sub.add_parser("pairs", parents=[shared],
+                           help="score an image-to-image checkpoint on held-out pairs (PSNR, pixel FD, FID)")
+    pairs.add_argument("--ckpt", required=True,
+                       help="a distilled image-to-image generator (or a teacher) checkpoint")
+    pairs.add_argument("--data", required=True,
+                       help="held-out clean images (.npz, folder, cifar10) that the checkpoint's task corrupts, "
+                            "or a held-out pairs .npz (`source`, `images`)")
+    pairs.add_argument("--data-root", default="./data", help="where cifar10 is downloaded")
+    pairs.add_argument("--teacher", default=None,
+                       help="the teacher to compare with (default: the one recorded in --ckpt's run)")
+    pairs.add_argument("--teacher-ema", type=common.decay_or_none, default=None,
+                       help="its EMA (default: the run's --teacher-ema, or the file's first EMA)")
+    pairs.add_argument("--ema", type=common.decay_or_none, default=None,
+                       help="the generator's EMA to score beside its raw weights (default: its first)")
+    pairs.add_argument("--n", type=common.positive_int, default=2048,
+                       help="held-out pairs to score (the first n of --data)")
+    pairs.add_argument("--nfe", type=common.positive_int, default=100, help="Euler steps of the teacher")
+    pairs.add_argument("--seed", type=common.count, default=0, help="noise of output i: (seed, i)")
+    pairs.add_argument("--out", default=None, help="also write the table as JSON to this file")
     return parser.parse_args(argv)
 
 
@@ -577,6 +617,8 @@ def main(args):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise FIDError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); pick another --device")
+    if args.command == "pairs":
+        return score_pairs(args, device)
     for source in ([args.data] if args.command == "ref" else args.samples):
         check_source(source)
     extractor = None
@@ -611,6 +653,76 @@ def main(args):
     if len(scores) > 1:
         print(f"mean FID {np.mean(scores):.4f} +- {np.std(scores, ddof=1):.4f} "
               f"(std over {len(scores)} sets, ddof=1)")
+
+
+def score_pairs(args, device):
+    """`fid.py pairs`: an image-to-image checkpoint on held-out pairs, next to the source itself,
+    the one-step start x0 + v*(0, x0, s) and the teacher with --nfe Euler steps (Appendix C):
+    PSNR to the true target (rewards the posterior mean), pixel-space Frechet distance to the
+    held-out targets (rewards realistic, diverse outputs) and, when the Inception weights are
+    here (--weights or the torch hub cache; never downloaded), the FID of the outputs against
+    the held-out targets. Every model translates the same sources with the same noise."""
+    import coupling  # the scripts' code; fid.py's other commands need none of it
+    import sample
+    import unet
+    model = sample.load_model(args.ckpt, "first" if args.ema is None else args.ema, unet.PAPER_CONFIG)
+    if not model.coupling:
+        raise FIDError(f"{args.ckpt} is a noise-to-image model; `fid.py pairs` scores image-to-image "
+                       "checkpoints (use `fid.py calc` on its samples)")
+    run_args = model.ckpt.get("config", {}).get("args", {})
+    teacher_path = args.teacher or (args.ckpt if model.kind == "teacher" else run_args.get("teacher"))
+    if not teacher_path:
+        raise FIDError(f"{args.ckpt} does not record its teacher; pass --teacher")
+    teacher_ema = args.teacher_ema if args.teacher_ema is not None else run_args.get("teacher_ema", "first")
+    teacher = sample.load_model(teacher_path, teacher_ema, unet.PAPER_CONFIG)
+    net_cfg = model.net.config
+    shape = (net_cfg["in_channels"], net_cfg["image_size"], net_cfg["image_size"])
+    src, targets, labels = sample.held_out_pairs(args.data, model.coupling, shape, args.n, args.seed,
+                                                 args.data_root)
+    if net_cfg["num_classes"] is None:
+        labels = None
+    elif labels is None:
+        raise FIDError(f"{args.ckpt} is class conditional: --data needs labels")
+    amp = contextlib.nullcontext()
+    rows = {"source itself": src}
+    for m in (teacher, model):
+        m.net.to(device).eval()
+    translate = lambda m, nfe: sample.translate(m, src, labels, 1, args.seed, args.batch_size,  # noqa: E731
+                                                device, amp, nfe)
+    rows["one-step start x0 + v*(0, x0, s)"] = translate(teacher, 1)
+    rows[f"teacher, {args.nfe} Euler steps"] = translate(teacher, args.nfe)
+    if model.kind == "distilled":
+        rows[f"one-step generator, EMA {model.ema}" if model.ema else "one-step generator"] = translate(model, 1)
+        if model.ema is not None:
+            raw = sample.load_model(args.ckpt, None, unet.PAPER_CONFIG)
+            raw.net.to(device).eval()
+            rows["one-step generator, raw weights"] = translate(raw, 1)
+    weights = local_weights(args.weights)
+    extractor = InceptionFeatures(weights, args.mode, device) if weights else None
+    if extractor is not None:
+        ref_mu, ref_sigma, _ = feature_stats(iter_batches(targets.permute(0, 2, 3, 1).numpy(), args.batch_size),
+                                             extractor)
+    table = {}
+    for name, out in rows.items():
+        table[name] = {"psnr_db": coupling.psnr(out, targets),
+                       "pixel_fd": float(pixel_frechet_distance(out, targets))}
+        if extractor is not None:
+            mu, sigma, _ = feature_stats(iter_batches(out.permute(0, 2, 3, 1).numpy(), args.batch_size), extractor)
+            table[name]["fid"] = float(frechet_distance(mu, sigma, ref_mu, ref_sigma))
+    task = model.coupling["task"] or "pairs file"
+    print(f"{args.ckpt}: {task} on the {model.coupling['path']} path, {len(src)} held-out pairs of {args.data}"
+          + ("" if extractor else "; no Inception weights here, so no FID (pass --weights)"))
+    print("| model | PSNR to target (dB) | pixel FD to targets |" + (" FID |" if extractor else ""))
+    print("|---|---|---|" + ("---|" if extractor else ""))
+    for name, r in table.items():
+        print(f"| {name} | {r['psnr_db']:.2f} | {r['pixel_fd']:.3f} |" + (f" {r['fid']:.2f} |" if extractor else ""))
+    if args.out:
+        report = {"ckpt": args.ckpt, "teacher": teacher_path, "data": args.data, "n": len(src), "nfe": args.nfe,
+                  "coupling": model.coupling, "seed": args.seed, "fid_weights": weights, "scores": table}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    return table
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ Images are quantised as in the paper's FID protocol (SPEC 7). Labels are balance
 `arange(n) % classes`, or all equal to --label. Image i depends only on (--seed, i), not on the
 batch size.
 """
+import argparse
 import os
 
 import numpy as np
 import torch
 
 import common
+import coupling
 import distill
 
 
@@ -47,8 +49,10 @@ def latents(seed, start, n, shape):
 
 
 def load_model(path, ema, fallback_cfg):
-    """(network, kind, EMA decay used) from any checkpoint: generator weights of a distilled
-    file, else teacher; ema 'first' is the first EMA the file tracks (None: raw weights)."""
+    """A checkpoint's network, ours or the authors': a namespace with `net`, `kind`
+    ('distilled': the generator's weights, or 'teacher'), `ema` (the EMA decay used, None for
+    raw weights; 'first' asks for the first EMA the file tracks), `coupling` (the image-to-image
+    coupling of its config, None for noise-to-image models) and `ckpt` (the loaded file)."""
     ckpt = common.load_checkpoint(path, "checkpoint")
     kind = common.checkpoint_kind(ckpt)
     if kind is None:
@@ -57,7 +61,98 @@ def load_model(path, ema, fallback_cfg):
     ema = common.first_ema(ckpt) if ema == "first" else ema
     sd = common.pick_weights(ckpt, ema, path)
     cfg = common.net_config_from(ckpt, sd, fallback_cfg)
-    return common.build_net(cfg, sd, dropout=0.0, what=f"weights in {path}"), kind, ema
+    net = common.build_net(cfg, sd, dropout=0.0, what=f"weights in {path}")
+    return argparse.Namespace(net=net, kind=kind, ema=ema, ckpt=ckpt,
+                              coupling=ckpt.get("config", {}).get("coupling"))
+
+
+def one_pass(model, z, y=None, s=None, nfe=100):
+    """A generator in one step (distill.generate) or a teacher with nfe Euler steps, from z."""
+    if model.kind == "distilled":
+        return distill.generate(model.net, z, y, s)
+    return euler(model.net, z, y, s, nfe=nfe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-to-image: the sources to translate
+
+def read_sources(path, shape):
+    """uint8 sources [N, C, H, W] from an .npz (its `source` array, else `images`), a folder of
+    images or a single image file, at the model's size (C, H, W); returns (sources, targets or
+    None, labels or None): a pairs .npz also gives its targets and labels."""
+    c, h, w = shape
+    targets = labels = None
+    if path.endswith(".npz"):
+        if not os.path.isfile(path):
+            common.fail(f"--source {path} does not exist")
+        images, labels, src = common.read_npz_images(path)
+        src, targets = (images, None) if src is None else (src, images)
+        src = torch.from_numpy(src).permute(0, 3, 1, 2).contiguous()
+        targets = None if targets is None else torch.from_numpy(targets).permute(0, 3, 1, 2)
+        labels = None if labels is None else torch.from_numpy(np.asarray(labels)).long()
+    elif os.path.isdir(path) or os.path.isfile(path):
+        from PIL import Image
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                       if f.lower().endswith(common.IMAGE_SUFFIXES)) if os.path.isdir(path) \
+            else [path]
+        if not files:
+            common.fail(f"no images ({', '.join(common.IMAGE_SUFFIXES)}) found under {path}")
+        arrays = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    arrays.append(np.asarray(im.convert("RGB" if c == 3 else "L")))
+            except OSError as e:
+                common.fail(f"cannot read the image {f} ({e})")
+        if len({a.shape for a in arrays}) > 1:
+            common.fail(f"the images under {path} have different sizes "
+                        f"({sorted({a.shape for a in arrays})[:3]}); resize them to the model's "
+                        "size")
+        stack = np.stack(arrays)
+        src = torch.from_numpy(stack[..., None] if stack.ndim == 3 else stack).permute(0, 3, 1, 2)
+    else:
+        common.fail(f"--source {path} is neither an .npz, an image folder nor an image file")
+    if tuple(src.shape[1:]) != shape:
+        common.fail(f"--source {path}: the sources are {'x'.join(map(str, src.shape[1:]))} but "
+                    f"the model translates {c}x{h}x{w} images; resize them first")
+    return src.contiguous(), targets, labels
+
+
+def held_out_pairs(data_path, coupling_cfg, shape, n, seed, data_root="./data"):
+    """(sources, targets, labels or None) of the first n images of --data: a pairs file's own
+    sources, or the model's task applied to the clean images (denoise noise from `seed`)."""
+    data = common.open_data(data_path, data_root, shape[-1])
+    if tuple(data.shape) != tuple(shape):
+        common.fail(f"--data images are {'x'.join(map(str, data.shape))} but the model "
+                    f"translates {'x'.join(map(str, shape))} images")
+    coupling.for_student(coupling_cfg, None, data, "of this checkpoint")
+    x_u8, labels, src_u8 = data.get(list(range(min(n or len(data), len(data)))))
+    if src_u8 is None:
+        x1 = common.from_uint8(x_u8)
+        noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+        src_u8 = common.to_uint8(coupling.corrupt(x1, coupling_cfg["task"], noise))
+    return src_u8, x_u8, labels
+
+
+@torch.no_grad()
+def translate(model, src_u8, labels, per_source, seed, batch_size, device, amp, nfe):
+    """Outputs uint8 [N * per_source, C, H, W] for sources uint8 [N, C, H, W], source-major:
+    output i * K + k is the k-th translation of source i, from the start kappa s + sigma eps
+    with eps the noise of (seed, i * K + k), so it depends neither on the batch size nor on N."""
+    c = model.coupling
+    src_all = src_u8.repeat_interleave(per_source, 0)
+    y_all = None if labels is None else labels.repeat_interleave(per_source, 0)
+    out = []
+    for lo in range(0, len(src_all), batch_size):
+        hi = min(len(src_all), lo + batch_size)
+        s = common.from_uint8(src_all[lo:hi]).to(device)
+        z = coupling.start(s, latents(seed, lo, hi - lo, s.shape[1:]).to(device), c["kappa"],
+                           c["sigma"])
+        y = None if y_all is None else y_all[lo:hi].to(device)
+        with amp:
+            x = one_pass(model, z, y, s, nfe)
+        out.append(common.to_uint8(x.float()).cpu())
+    return torch.cat(out)
 
 
 def ema_choice(text):
@@ -72,9 +167,12 @@ def build_parser():
     p.add_argument("--ema", type=ema_choice, default="first",
                    help="EMA decay whose weights to use, 'first' for the first EMA the "
                         "checkpoint tracks (the authors' files: 0.999), 'none' for raw weights")
-    p.add_argument("--n", type=common.positive_int, default=64, help="number of images")
+    p.add_argument("--n", type=common.positive_int, default=None,
+                   help="number of images (default 64); for image-to-image models the number "
+                        "of sources (default: all)")
     p.add_argument("--out", nargs="+", default=["samples.png"],
-                   help="output file(s): .npz (uint8 NHWC + labels) and/or .png grid")
+                   help="output file(s): .npz (uint8 NHWC `images`, `labels`; for "
+                        "image-to-image also `source` and `targets`, aligned) and/or .png grid")
     p.add_argument("--seed", type=common.count, default=0,
                    help="image i uses the noise of (seed, i)")
     p.add_argument("--nfe", type=common.positive_int, default=100,
@@ -87,6 +185,17 @@ def build_parser():
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision of the network")
     p.add_argument("--nrow", type=common.positive_int, default=None, help="images per grid row")
+    g = p.add_argument_group("image-to-image models (Appendix C): what to translate")
+    g.add_argument("--source", default=None,
+                   help="sources to translate: an .npz (its `source` array, else `images`; a "
+                        "pairs file also gives targets), an image folder or one image file, "
+                        "at the model's image size")
+    g.add_argument("--data", default=None,
+                   help="or held-out clean images (an .npz, a folder, cifar10) that the model's "
+                        "task corrupts here, or a pairs .npz; the grid then shows the targets")
+    g.add_argument("--data-root", default="./data", help="where cifar10 is downloaded")
+    g.add_argument("--per-source", type=common.positive_int, default=1,
+                   help="translations per source (stochastic restorations: different noise)")
     net = common.add_net_args(p)
     net.title = ("network of a checkpoint without config (the authors' files: the paper "
                  "network); ours describe themselves")
@@ -99,49 +208,97 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def write_npz(path, **arrays):
+    """uint8 NCHW tensors as NHWC arrays (labels as they are), written atomically."""
+    arrays = {k: (v.permute(0, 2, 3, 1) if v.dim() == 4 else v).numpy()
+              for k, v in arrays.items() if v is not None}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
 def main(args):
     for out in args.out:
         if not out.endswith((".npz", ".png")):
             common.fail(f"--out {out}: use a .npz (images for FID) or .png (grid) file name")
     device = common.pick_device(args.device)
-    fallback = common.net_config_from_args(args)
-    net, kind, ema = load_model(args.ckpt, args.ema, fallback)
-    net.to(device).eval()
-    cfg = net.config
+    model = load_model(args.ckpt, args.ema, common.net_config_from_args(args))
+    model.net.to(device).eval()
+    cfg = model.net.config
     shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    labels = common.class_labels(args.n, cfg["num_classes"], args.label)
+    amp = common.precision_context(device, args.precision)
+    what = (f"{'one-step' if model.kind == 'distilled' else f'{args.nfe}-step'} samples from "
+            f"{args.ckpt} ({'raw' if model.ema is None else f'EMA {model.ema}'} weights)")
+    if model.coupling:
+        return main_pairs(args, model, shape, device, amp, what)
+    if args.source or args.data:
+        common.fail(f"{args.ckpt} is a noise-to-image model: --source / --data are for "
+                    "image-to-image checkpoints (train_teacher.py --task / pairs)")
+    n = args.n or 64
+    labels = common.class_labels(n, cfg["num_classes"], args.label)
     if args.label is not None and labels is None:
         common.fail("--label given but the model is unconditional; drop --label")
-    amp = common.precision_context(device, args.precision)
 
     images = []
-    for lo in range(0, args.n, args.batch_size):
-        hi = min(args.n, lo + args.batch_size)
+    for lo in range(0, n, args.batch_size):
+        hi = min(n, lo + args.batch_size)
         z = latents(args.seed, lo, hi - lo, shape).to(device)
         y = None if labels is None else labels[lo:hi].to(device)
         with amp:
-            x = distill.generate(net, z, y) if kind == "distilled" else \
-                euler(net, z, y, nfe=args.nfe)
+            x = one_pass(model, z, y, nfe=args.nfe)
         images.append(common.to_uint8(x.float()).cpu())
-        if args.n > args.batch_size:
-            print(f"\r{hi}/{args.n} images", end="", flush=True)
-    if args.n > args.batch_size:
+        if n > args.batch_size:
+            print(f"\r{hi}/{n} images", end="", flush=True)
+    if n > args.batch_size:
         print()
     images = torch.cat(images)
     for out in args.out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         if out.endswith(".npz"):
-            arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
-            if labels is not None:
-                arrays["labels"] = labels.numpy()
-            tmp = out + ".tmp"
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, out)
+            write_npz(out, images=images, labels=labels)
         else:
             common.save_grid(common.from_uint8(images), out, args.nrow)
-        print(f"wrote {out}: {args.n} {'one-step' if kind == 'distilled' else f'{args.nfe}-step'}"
-              f" samples from {args.ckpt} ({'raw' if ema is None else f'EMA {ema}'} weights)")
+        print(f"wrote {out}: {n} {what}")
+
+
+def main_pairs(args, model, shape, device, amp, what):
+    """Image-to-image: translate --source (or --data's held-out pairs) and write the outputs
+    beside their sources (and targets); the PNG has one row per source: source | outputs |
+    target."""
+    if bool(args.source) == bool(args.data):
+        common.fail(f"{args.ckpt} is an image-to-image model ({model.coupling['task'] or 'pairs'}"
+                    "): give exactly one of --source (images to translate) and --data "
+                    "(held-out images to corrupt and translate)")
+    if args.source:
+        src, targets, labels = read_sources(args.source, shape)
+        n = min(args.n or len(src), len(src))
+        src, targets = src[:n], None if targets is None else targets[:n]
+        labels = None if labels is None else labels[:n]
+    else:
+        src, targets, labels = held_out_pairs(args.data, model.coupling, shape, args.n,
+                                              args.seed, args.data_root)
+    classes = model.net.config["num_classes"]
+    if classes is not None and (labels is None or args.label is not None):
+        labels = common.class_labels(len(src), classes, args.label)
+    elif classes is None:
+        labels = None
+    k = args.per_source
+    images = translate(model, src, labels, k, args.seed, args.batch_size, device, amp, args.nfe)
+    rep = lambda v: None if v is None else v.repeat_interleave(k, 0)  # noqa: E731
+    for out in args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if out.endswith(".npz"):
+            write_npz(out, images=images, source=rep(src), targets=rep(targets),
+                      labels=rep(labels))
+        else:
+            m = min(len(src), 32)  # rows shown
+            cols = [src[:m, None], images[:m * k].view(m, k, *shape)]
+            if targets is not None:
+                cols.append(targets[:m, None])
+            grid = torch.cat(cols, 1).flatten(0, 1)
+            common.save_grid(common.from_uint8(grid), out, k + 1 + (targets is not None))
+        print(f"wrote {out}: {len(images)} translations of {len(src)} sources, {what}")
 
 
 if __name__ == "__main__":

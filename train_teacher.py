@@ -21,6 +21,7 @@ import os
 import torch
 
 import common
+import coupling
 import distill
 import sample
 
@@ -45,6 +46,7 @@ def build_parser():
     net = common.add_net_args(p)
     net.add_argument("--dropout", type=common.dropout_rate, default=0.1,
                      help="dropout of the teacher")
+    coupling.add_args(p, teacher=True)
     common.add_run_args(p, steps=400_000, batch=256, lr=2e-4, warmup_steps=5000,
                         ema=[0.999, 0.9996, 0.9999], log_every=100, sample_every=5000,
                         save_every=5000)
@@ -72,10 +74,16 @@ def setup(args, d):
     device = d.device
     s = argparse.Namespace(d=d, device=device)
     data = common.open_data(args.data, args.data_root, args.image_size)
+    s.coupling = coupling.for_teacher(args, data)
+    if s.coupling and args.fid_every:
+        common.fail("--fid-every scores noise-to-image models; score an image-to-image "
+                    "teacher with `python fid.py pairs` instead")
     s.cfg = cfg = common.net_config_from_args(
         args, in_channels=data.shape[0], dropout=args.dropout,
-        num_classes=data.num_classes if args.cond else None)
+        num_classes=data.num_classes if args.cond else None,
+        cond_channels=data.shape[0] if s.coupling else 0)
     common.check_data(data, cfg, args.cond)
+    s.grid_pairs = coupling.fixed_pairs(data, s.coupling, 16, device) if s.coupling else None
     s.shape, s.data_size, s.data_desc = data.shape, len(data), common.describe_data(data)
 
     init_sd = None
@@ -100,7 +108,8 @@ def setup(args, d):
     if args.resume:
         ckpt = common.load_checkpoint(args.resume, "resume checkpoint")
         common.require_kind(ckpt, "teacher", args.resume)
-        if ckpt.get("config", {}).get("net") != cfg:
+        if not common.same_net(ckpt.get("config", {}).get("net"), cfg) or \
+                ckpt["config"].get("coupling") != s.coupling:
             common.fail(f"{args.resume} was trained with another network or data "
                         f"({ckpt.get('config', {}).get('net')}); use the original flags")
         common.check_same_inputs(ckpt["config"], None, s.data_desc, args.resume)
@@ -126,22 +135,32 @@ def setup(args, d):
 
 
 def teacher_objective(net, mb):
-    """The teacher's objective on one micro-batch (common.Player): flow matching."""
+    """The teacher's objective on one micro-batch (common.Player): flow matching (with the
+    source s of a coupling as the extra condition)."""
     loss = flow_matching_loss(net, mb["x1"], mb["x0"], mb["t"], mb["y"], mb["s"])
     return loss, {"loss_fm": loss}
 
 
 def draw(s, args):
     """Noise for the global batch from the shared generator (this process takes its rows) and
-    this process's slice of the next real batch, randomly flipped."""
+    this process's slice of the next real batch, randomly flipped. For a coupling, the source
+    of each image (pairs file or built-in task) and the path's start x0 = kappa s + sigma eps."""
     B, gen = args.batch_size, s.noise_gen
-    batch = common.rank_slice({"x0": common.randn(gen, (B, *s.shape), s.device),
-                               "t": common.rand(gen, (B,), s.device),
-                               "flip": common.rand(gen, (B,), s.device) < 0.5}, s.d)
-    x_u8, y = s.batches.next()
-    batch["x1"] = common.flip(common.from_uint8(x_u8), batch.pop("flip"))
+    noise = {"x0": common.randn(gen, (B, *s.shape), s.device),
+             "t": common.rand(gen, (B,), s.device),
+             "flip": common.rand(gen, (B,), s.device) < 0.5}
+    if s.coupling and s.coupling["task"] == "denoise":
+        noise["task"] = common.randn(gen, (B, *s.shape), s.device)
+    batch = common.rank_slice(noise, s.d)
+    x_u8, y, src_u8 = s.batches.next()
+    flip = batch.pop("flip")
+    batch["x1"] = common.flip(common.from_uint8(x_u8), flip)
     batch["y"] = y if args.cond else None
     batch["s"] = None
+    if s.coupling:
+        c = s.coupling
+        batch["s"] = coupling.make_source(c, batch["x1"], src_u8, flip, batch.pop("task", None))
+        batch["x0"] = coupling.start(batch["s"], batch["x0"], c["kappa"], c["sigma"])
     return batch
 
 
@@ -162,8 +181,8 @@ def save(s, args, name="latest.pt"):
             "ema_models": {k: m.state_dict() for k, m in s.emas.items()},
             "optim": s.player.opt.state_dict(), "sched": s.player.sched.state_dict(),
             "step": s.step,
-            "config": {"kind": "teacher", "net": s.cfg, "data": s.data_desc,
-                       "args": common.json_safe(vars(args))},
+            "config": {"kind": "teacher", "net": s.cfg, "coupling": s.coupling,
+                       "data": s.data_desc, "args": common.json_safe(vars(args))},
             "scaler": s.player.scaler.state_dict(), "rng": common.rng_state(s.noise_gen, s.d),
             "data_batches": s.batches.consumed, "best_fid": s.best_fid,
             "elapsed_s": s.log.elapsed()}
@@ -175,6 +194,23 @@ def save(s, args, name="latest.pt"):
         s.last_saved = s.step
 
 
+@torch.no_grad()
+def save_grid(s, args, z, y):
+    """The first EMA teacher's samples (Euler, --sample-nfe steps) from fixed latents; for a
+    coupling, rows source | output | target of 16 fixed data pairs."""
+    ema = s.emas[common.ema_key(args.ema[0])]
+    path = os.path.join(args.out, "samples", f"{s.step:07d}_ema.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not s.coupling:
+        common.save_grid(sample.euler(ema, z, y, nfe=args.sample_nfe), path)
+        return
+    src, x1, labels = s.grid_pairs
+    c, n = s.coupling, len(src)
+    x0 = coupling.start(src, z[:n], c["kappa"], c["sigma"])
+    out = sample.euler(ema, x0, labels if args.cond else None, src, nfe=args.sample_nfe)
+    common.save_grid(torch.cat([src, out, x1]), path, nrow=n)
+
+
 def main(args):
     d = common.Dist(args.device)
     common.configure_backends(d.device, args.precision, args.deterministic)
@@ -183,8 +219,11 @@ def main(args):
         if args.fid_every and d.main else None
     common.start_run(args, d)
     if d.main:
+        pairs = "" if not s.coupling else (
+            f", image-to-image {s.coupling['task'] or 'pairs file'} on the {s.coupling['path']} "
+            f"path (sigma_s {s.coupling['sigma']})")
         print(f"teacher: {sum(p.numel() for p in s.player.params):,} parameters, data "
-              f"{s.data_size} images {'x'.join(map(str, s.shape))}, device {d.device}, "
+              f"{s.data_size} images {'x'.join(map(str, s.shape))}{pairs}, device {d.device}, "
               f"{d.world} process(es), {args.precision}")
     grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
     grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)
@@ -207,10 +246,7 @@ def main(args):
                 running.zero_()
             if d.main and args.sample_every and (step % args.sample_every == 0
                                                  or step == args.steps):
-                x = sample.euler(s.emas[common.ema_key(args.ema[0])], grid_z, grid_y,
-                                 nfe=args.sample_nfe)
-                os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-                common.save_grid(x, os.path.join(args.out, "samples", f"{step:07d}_ema.png"))
+                save_grid(s, args, grid_z, grid_y)
             if args.fid_every and step % args.fid_every == 0:
                 s.check.check(d, args.out, s.last_saved)
                 ema = s.emas[common.ema_key(args.ema[0])]

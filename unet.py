@@ -5,16 +5,22 @@ guided-diffusion's U-Net) with the same state-dict names, shapes and order, so t
 checkpoints load with `strict=True` and give the same outputs (checked by
 tests/test_unet_reference.py). `UNet()` is the paper's CIFAR-10 network (35,746,307 parameters;
 35,751,427 with `num_classes=10`); `gan_head=True` adds the optional GAN discriminator head
-`cls_pred_branch` of the authors' code (SPEC section 5, 526,081 parameters more).
+`cls_pred_branch` of the authors' code (the GAN baseline of the paper's eqs. 7-9, 526,081
+parameters more). `cond_channels=C` adds an image condition for image-to-image couplings
+(Appendix C): the source s is concatenated to x along channels before the first convolution
+(only that convolution grows; the output keeps x's channels). Without it (the default, 0) the
+network and its state-dict keys are exactly torchcfm's.
 
-Conventions (SPEC section 1):
-- `net(t, x, y=None)` is the flow field v(t, x, y): t = 0 is noise, t = 1 is data, and t in
-  [0, 1] enters the sinusoidal embedding as is (no x1000 rescaling).
+Conventions (the paper's section 2, as in the authors' code):
+- `net(t, x, y=None, s=None)` is the flow field v(t, x, y[, s]): t = 0 is noise (or a
+  coupling's start), t = 1 is data, and t in [0, 1] enters the sinusoidal embedding as is (no
+  x1000 rescaling).
 - t: float tensor [B] (a 0-d tensor or a python float is broadcast to the batch);
-  x: [B, C, H, W] images in [-1, 1]; y: int64 class labels [B], or None for unconditional nets.
+  x: [B, C, H, W] images in [-1, 1]; y: int64 class labels [B], or None for unconditional nets;
+  s: source images [B, cond_channels, H, W] for nets with cond_channels > 0, else None.
 - The output has the shape of x. A fresh network outputs exactly 0 (the last layer of every
   residual branch and the output conv start at zero, as in torchcfm).
-- `net.forward_head(t, x, y)` gives the GAN logits [B, 1, h, w] ([B, 1, 1, 1] on CIFAR-10).
+- `net.forward_head(t, x, y, s)` gives the GAN logits [B, 1, h, w] ([B, 1, 1, 1] on CIFAR-10).
 
 Usage:
     net = UNet(num_classes=10)                    # paper CIFAR-10 net, class conditional
@@ -31,7 +37,8 @@ import torch.nn.functional as F
 
 PAPER_CONFIG = dict(image_size=32, in_channels=3, num_channels=128, num_res_blocks=2,
                     channel_mult=[1, 2, 2, 2], attention_resolutions=[16], num_heads=4,
-                    num_head_channels=64, dropout=0.0, num_classes=None, gan_head=False)
+                    num_head_channels=64, dropout=0.0, num_classes=None, gan_head=False,
+                    cond_channels=0)
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -163,7 +170,8 @@ class UNet(nn.Module):
 
     def __init__(self, image_size=32, in_channels=3, num_channels=128, num_res_blocks=2,
                  channel_mult=(1, 2, 2, 2), attention_resolutions="16", num_heads=4,
-                 num_head_channels=64, dropout=0.0, num_classes=None, gan_head=False):
+                 num_head_channels=64, dropout=0.0, num_classes=None, gan_head=False,
+                 cond_channels=0):
         super().__init__()
         attn_res = _parse_resolutions(attention_resolutions)
         self.config = dict(image_size=image_size, in_channels=in_channels,
@@ -171,7 +179,7 @@ class UNet(nn.Module):
                            channel_mult=list(channel_mult), attention_resolutions=attn_res,
                            num_heads=num_heads, num_head_channels=num_head_channels,
                            dropout=float(dropout), num_classes=num_classes,
-                           gan_head=bool(gan_head))
+                           gan_head=bool(gan_head), cond_channels=int(cond_channels))
         chans = [int(m * num_channels) for m in channel_mult]
         levels = len(chans)
         sizes = [image_size // 2 ** i for i in range(levels)]
@@ -187,6 +195,8 @@ class UNet(nn.Module):
         if any(r not in sizes for r in attn_res):
             raise ValueError(f"UNet: attention_resolutions {attn_res} must be feature-map sizes "
                              f"of this network, i.e. among {sizes}")
+        if cond_channels < 0:
+            raise ValueError(f"UNet: cond_channels must be >= 0, got {cond_channels}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"UNet: num_classes must be None or positive, got {num_classes}")
         if not 0.0 <= dropout < 1.0:
@@ -201,6 +211,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: the GAN head halves the {sizes[-1]}x{sizes[-1]} bottleneck "
                              f"twice, which needs at least 4x4")
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.cond_channels = cond_channels
         self.num_channels = num_channels
 
         def attention(ch):
@@ -215,8 +226,8 @@ class UNet(nn.Module):
 
         # Encoder. `skip_chans` records what each input block hands to the decoder.
         ch = chans[0]
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3,
-                                                                     padding=1))])
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels + cond_channels,
+                                                                     ch, 3, padding=1))])
         skip_chans = [ch]
         for level, (out_ch, size) in enumerate(zip(chans, sizes)):
             for _ in range(num_res_blocks):
@@ -257,7 +268,7 @@ class UNet(nn.Module):
                 nn.Conv2d(c, c, 2, stride=2), GroupNorm32(c), nn.SiLU(),
                 nn.Conv2d(c, 1, 1))
 
-    def _encode(self, t, x, y):
+    def _encode(self, t, x, y, s):
         """Checks the inputs; returns the bottleneck features, the skips and the embedding."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -282,21 +293,33 @@ class UNet(nn.Module):
             if tuple(y.shape) != (batch,):
                 raise ValueError(f"UNet: expected y of shape [{batch}], got {list(y.shape)}")
             emb = emb + self.label_emb(y)
-        h, skips = x, []
+        h = x
+        if self.cond_channels:
+            expected = (batch, self.cond_channels, self.image_size, self.image_size)
+            if s is None or tuple(s.shape) != expected:
+                raise ValueError(f"UNet: the network is image conditional (cond_channels="
+                                 f"{self.cond_channels}): pass a source s of shape "
+                                 f"{list(expected)}, got {None if s is None else list(s.shape)}")
+            h = torch.cat([x, s.to(x.dtype)], dim=1)
+        elif s is not None:
+            raise ValueError("UNet: got a source image s, but the network has no image condition "
+                             "(cond_channels=0)")
+        skips = []
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
         return self.middle_block(h, emb), skips, emb
 
-    def forward(self, t, x, y=None):
-        """v(t, x, y) with t [B] (or scalar) in [0, 1], x [B, C, H, W], y int64 [B] or None."""
-        h, skips, emb = self._encode(t, x, y)
+    def forward(self, t, x, y=None, s=None):
+        """v(t, x, y, s) with t [B] (or scalar) in [0, 1], x [B, C, H, W], y int64 [B] or None,
+        s [B, cond_channels, H, W] or None."""
+        h, skips, emb = self._encode(t, x, y, s)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
 
-    def forward_head(self, t, x, y=None):
+    def forward_head(self, t, x, y=None, s=None):
         """GAN discriminator logits [B, 1, h, w] from the bottleneck after the middle block."""
         if not hasattr(self, "cls_pred_branch"):
             raise RuntimeError("UNet: this network has no GAN head; build it with gan_head=True")
-        return self.cls_pred_branch(self._encode(t, x, y)[0])
+        return self.cls_pred_branch(self._encode(t, x, y, s)[0])
