@@ -746,7 +746,9 @@ def load_authors_adam(opt, state, n_params, path):
 def set_warmup_position(sched, updates):
     """Put a warm-up scheduler (common.warmup) at `updates` updates done."""
     sched.last_epoch = updates - 1
-    sched.step()
+    with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
 
 
 def rng_state(gen, dist_info):
@@ -938,7 +940,7 @@ class RunLog:
         self.last_time, self.last_step = now, step
         record = {"step": step, **{k: _plain(v) for k, v in values.items()},
                   "sec_per_step": sec, "time": round(time.time(), 3),
-                  "elapsed_s": round(self.elapsed(), 3)}
+                  "elapsed_s": round(self.elapsed_before + now - self.start_time, 3)}
         mem = peak_memory_mb(device)
         if mem is not None:
             record["peak_mem_mb"] = round(mem, 1)
@@ -1003,7 +1005,7 @@ class Control:
         a, now = self.args, time.monotonic()
         last = step >= a.steps
         log = (step == self.start_step + 1 or step % a.log_every == 0 or last
-               or now - self.last_log >= a.log_seconds)
+               or (a.log_seconds and now - self.last_log >= a.log_seconds))
         save = (last or (a.save_every and step % a.save_every == 0)
                 or (a.snapshot_every and step % a.snapshot_every == 0)
                 or (a.save_minutes and now - self.last_save >= 60 * a.save_minutes))
