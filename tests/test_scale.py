@@ -65,14 +65,20 @@ def torchrun(*argv):
 
 
 def test_two_processes_equal_one_process(teachers, tiny_data, tmp_path):
-    """torchrun with 2 processes (gloo on CPU) and the same global batch and seed gives the
-    gradients of one process; a run resumed under torchrun equals an uninterrupted one."""
+    """torchrun with 2 processes (DistributedDataParallel, gloo on CPU) and the same global
+    batch and seed gives the gradients of one process, with and without gradient accumulation
+    (no_sync for all but the last micro-batch); a run resumed under torchrun equals an
+    uninterrupted one."""
     run(distill, distill_argv(teachers["cond"], tiny_data["cond"], tmp_path / "one"))
     torchrun("distill.py", *distill_argv(teachers["cond"], tiny_data["cond"], tmp_path / "two"))
-    a, b = load(tmp_path / "one" / "latest.pt"), load(tmp_path / "two" / "latest.pt")
-    for opt in ("optim_u", "optim_gen"):
-        assert rel_diff(grads(a, opt), grads(b, opt)) < 1e-4, opt
-    assert len(b["rng"]["per_rank"]) == 2
+    torchrun("distill.py", *distill_argv(teachers["cond"], tiny_data["cond"], tmp_path / "acc",
+                                         "--grad-accum", 2))
+    a = load(tmp_path / "one" / "latest.pt")
+    for other in ("two", "acc"):
+        b = load(tmp_path / other / "latest.pt")
+        for opt in ("optim_u", "optim_gen"):
+            assert rel_diff(grads(a, opt), grads(b, opt)) < 1e-4, (other, opt)
+        assert len(b["rng"]["per_rank"]) == 2
 
     base = distill_argv(teachers["cond"], tiny_data["cond"], None)[6:] + ["--lr", 1e-3]
     torchrun("distill.py", "--teacher", teachers["cond"], "--data", tiny_data["cond"],
@@ -116,3 +122,18 @@ def test_compile_flag(teachers, tiny_data, tmp_path, monkeypatch):
                               "--steps", 2))
     assert rel_diff(grads(load(tmp_path / "e" / "latest.pt"), "optim_gen"),
                     grads(ckpt, "optim_gen")) < 1e-4
+
+
+def test_deterministic_flag_changes_nothing_on_cpu(teachers, tiny_data, tmp_path):
+    """--deterministic picks deterministic kernels; on a CPU, where runs are deterministic
+    anyway, the update is bit-identical to the default one."""
+    try:
+        run(distill, distill_argv(teachers["uncond"], tiny_data["uncond"], tmp_path / "det",
+                                  "--deterministic"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    run(distill, distill_argv(teachers["uncond"], tiny_data["uncond"], tmp_path / "plain"))
+    a, b = load(tmp_path / "det" / "latest.pt"), load(tmp_path / "plain" / "latest.pt")
+    a["config"].pop("args"), b["config"].pop("args")
+    assert tensors_equal(a, b) == []
