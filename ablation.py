@@ -400,7 +400,7 @@ def shapes_context(b, classifier_sd):
 def shapes_metrics(x, ctx, full=True):
     """Pixel and feature Frechet distances against the held-out images, and the total variation
     between the classifier's class shares and the truth (uniform). Samples are quantised to uint8
-    first, as in the FID protocol (SPEC 7)."""
+    first, as in the FID protocol (README, "FID: protocol and commands")."""
     x = common.from_uint8(common.to_uint8(x))
     feat = run_net(ctx["clf"].features, x)
     share = torch.bincount(ctx["clf"].head(feat).argmax(1), minlength=4).double() / len(x)

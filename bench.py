@@ -15,8 +15,17 @@ network (random weights, random uint8 data; nothing is downloaded) and reports, 
   way (the minimum: 7 units each);
 - peak memory, teacher training (one flow-matching update) and one-step sampling (images/s).
 Prints a table and writes JSON (with the machine description) to --out.
+
+Two suites share this file's measurement helpers (timing, FLOP counting, gradients, cosines):
+
+    python bench.py --suite precision   # gradients at fp32/bf16/fp16/mixed vs fp32 and fp64, CPU
+    python bench.py --suite gpu         # precision x compile x batch on the GPU, < 8 minutes
+
+documented in benchmarks/precision_study.py and benchmarks/gpu_suite.py
+(`python bench.py --suite gpu --help` lists a suite's own flags).
 """
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -33,6 +42,11 @@ import distill
 import train_teacher
 import unet
 
+SUITES = {"precision": "benchmarks.precision_study", "gpu": "benchmarks.gpu_suite"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers, shared by the default run below and the suites in benchmarks/.
 
 def sync(device):
     if device.type == "cuda":
@@ -56,44 +70,161 @@ def timed(fn, device, repeats):
 
 
 def flops(fn):
+    """FLOPs of fn() counted by torch.utils.flop_counter (matrix products, convolutions,
+    attention: the FLOPs that matter), in eager mode."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
-def machine():
+def matmul_rate(device, dtype, n=8192, repeats=10):
+    """Measured FLOP/s of [n, n] x [n, n] matrix products in `dtype` (the device's practical
+    matrix-multiply peak; TF32 follows torch.backends.cuda.matmul.allow_tf32)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats)
+
+
+def machine(device=None):
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    m = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+         "torch": torch.__version__, "python": platform.python_version(),
+         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    if device is not None and device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        m["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
+                    "memory_gb": p.total_memory / 2**30,
+                    "multiprocessors": p.multi_processor_count,
+                    "cuda_runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    return m
 
 
-def random_teacher(path, cond):
-    """A paper-size teacher file with random weights (zero-initialised layers made non-zero so
-    that every network computes something)."""
-    torch.manual_seed(0)
-    net = unet.UNet(num_classes=10 if cond else None)
+def fill_zero_layers(net):
+    """Give the zero-initialised layers (the last layer of every residual branch, the output
+    conv) N(0, 0.02) weights from the global RNG, so that a random network computes something
+    (a fresh U-Net outputs exactly 0)."""
     with torch.no_grad():
         for p in net.parameters():
             if p.dim() > 1 and p.abs().max() == 0:
                 p.normal_(0, 0.02)
+    return net
+
+
+def random_teacher(path, cond, net_config=None):
+    """A teacher file with random weights (zero-initialised layers made non-zero so that every
+    network computes something): the paper's network, or `net_config`'s (UNet keywords)."""
+    torch.manual_seed(0)
+    net = fill_zero_layers(unet.UNet(**dict(net_config or {}, num_classes=10 if cond else None)))
     sd = net.state_dict()
     torch.save({"net_model": sd, "ema_models": {"0.999": sd}, "step": 0,
                 "config": {"kind": "teacher", "net": net.config}}, path)
 
 
+def scratch_files(batch_size, cond, net_config=None):
+    """A temporary folder with a random teacher (paper size unless `net_config`) and random
+    uint8 data of its image size. Returns (folder, teacher path, data path)."""
+    tmp = tempfile.mkdtemp(prefix="realuid_bench_")
+    teacher_path, data_path = os.path.join(tmp, "teacher.pt"), os.path.join(tmp, "data.npz")
+    random_teacher(teacher_path, cond, net_config)
+    size = (net_config or {}).get("image_size", 32)
+    rng = np.random.default_rng(0)
+    n = max(4 * batch_size, 64)
+    np.savez(data_path, images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+             labels=rng.integers(0, 10, n))
+    return tmp, teacher_path, data_path
+
+
+def distill_state(argv):
+    """distill.py's own set-up for a command line: (args, state) as distill.main builds them,
+    backends configured for the precision (no run folder is written)."""
+    dargs = distill.parse_args([str(a) for a in argv])
+    d = common.Dist(dargs.device)
+    common.configure_backends(d.device, dargs.precision, dargs.deterministic)
+    return dargs, distill.setup(dargs, d)
+
+
+def update_fns(s, dargs):
+    """distill.py's fake-model update, generator update and cycle (--fake-steps + 1), each on
+    fresh draws, as zero-argument callables."""
+    def fake_update():
+        distill.fake_update(s, dargs, distill.draw(s, dargs))
+
+    def gen_update():
+        distill.generator_update(s, dargs, distill.draw(s, dargs))
+
+    def cycle():
+        for _ in range(dargs.fake_steps):
+            fake_update()
+        gen_update()
+    return fake_update, gen_update, cycle
+
+
+def objective_gradient(player, batch, amp):
+    """The flattened gradient (float64, on the CPU) of one player's objective on one batch, as
+    common.Player.update computes it: `player.run(batch)` under `amp`, backward, before
+    clipping; the optimizer is not stepped and the gradients are cleared. With fp16 the loss
+    goes through the player's gradient scale and back; a scale that overflows is halved, as
+    GradScaler does between updates. Returns (gradient, objective value, scale used)."""
+    scale = player.scaler.get_scale() if player.scaler.is_enabled() else 1.0
+    while True:
+        with amp:
+            objective, _ = player.run(batch)
+        (objective * scale).backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          .double().cpu() for p in player.params]) / scale
+        player.opt.zero_grad(set_to_none=True)
+        if torch.isfinite(grad).all() or scale <= 1:
+            return grad, objective.item(), scale
+        scale /= 2
+
+
+def compare(g, ref):
+    """Cosine similarity and relative error |g - ref| / |ref| of two flat gradients."""
+    g, ref = g.double(), ref.double()
+    return {"cosine": (g @ ref / (g.norm() * ref.norm())).item(),
+            "rel_err": ((g - ref).norm() / ref.norm()).item()}
+
+
+@torch.no_grad()
+def approach_teacher(fake, teacher, eps):
+    """Fake-model weights <- teacher + eps * (fake - teacher), in place (the fake model's
+    frozen alias shares its storage). Both networks have one architecture; eps -> 0 takes f to
+    v* in weight space, which emulates the end of training, where f approaches v*."""
+    f_sd, t_sd = fake.state_dict(), teacher.state_dict()
+    if set(f_sd) != set(t_sd):
+        raise ValueError("the fake model and the teacher differ in architecture")
+    for k, w in f_sd.items():
+        if w.is_floating_point():
+            w.copy_(t_sd[k] + eps * (w - t_sd[k]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The default run: one configuration, its updates against their unavoidable passes.
+
 def parse_args(argv=None):
+    """The default run's flags; `--suite NAME ...` hands the remaining flags to that suite."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--suite", choices=list(SUITES))
+    known, rest = pre.parse_known_args(argv)
+    if known.suite:
+        args = importlib.import_module(SUITES[known.suite]).parse_args(rest)
+        args.suite = known.suite
+        return args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--suite", choices=list(SUITES), default=None,
+                   help="run a suite instead (precision: gradient precision study on CPU; gpu: "
+                        "the GPU benchmark); `--suite NAME --help` lists its flags")
     p.add_argument("--device", default=None, help="cuda, npu, mps or cpu (default: the best)")
     p.add_argument("--batch-size", type=int, default=8, help="batch B of one update")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast precision of the networks")
+    p.add_argument("--precision", choices=list(common.PRECISIONS), default="fp32",
+                   help="precision of the networks (distill.py's --precision)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--fake-steps", type=int, default=5, help="fake updates per cycle")
@@ -104,20 +235,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def scratch_files(batch_size, cond):
-    """A temporary folder with a random paper-size teacher and random uint8 CIFAR-size data.
-    Returns (folder, teacher path, data path)."""
-    tmp = tempfile.mkdtemp(prefix="realuid_bench_")
-    teacher_path, data_path = os.path.join(tmp, "teacher.pt"), os.path.join(tmp, "data.npz")
-    random_teacher(teacher_path, cond)
-    rng = np.random.default_rng(0)
-    n = max(4 * batch_size, 64)
-    np.savez(data_path, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-             labels=rng.integers(0, 10, n))
-    return tmp, teacher_path, data_path
-
-
 def main(args):
+    if args.suite:
+        return importlib.import_module(SUITES[args.suite]).main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp, teacher_path, data_path = scratch_files(args.batch_size, args.cond)
@@ -129,21 +249,11 @@ def main(args):
         common_flags.append("--channels-last")
     if args.compile:
         common_flags.append("--compile")
-    dargs = distill.parse_args([str(a) for a in ["--teacher", teacher_path, "--alpha", 0.94,
-                                                 "--beta", 0.96, "--fake-steps",
-                                                 args.fake_steps, *common_flags]])
-    d = common.Dist(dargs.device)
-    device = d.device
-    common.configure_backends(device)
-    s = distill.setup(dargs, d)
+    dargs, s = distill_state(["--teacher", teacher_path, "--alpha", 0.94, "--beta", 0.96,
+                              "--fake-steps", args.fake_steps, *common_flags])
+    d, device = s.d, s.device
     B, R = args.batch_size, args.repeats
-    fake_update = lambda: distill.fake_update(s, dargs, distill.draw(s, dargs))     # noqa: E731
-    gen_update = lambda: distill.generator_update(s, dargs, distill.draw(s, dargs))  # noqa: E731
-
-    def cycle():
-        for _ in range(args.fake_steps):
-            fake_update()
-        gen_update()
+    fake_update, gen_update, cycle = update_fns(s, dargs)
 
     # The unavoidable passes, on the same networks and shapes (SPEC 4 / README cost model).
     batch = distill.draw(s, dargs)
@@ -226,7 +336,8 @@ def main(args):
     t_sample = timed(g_forward, device, R)
 
     report = {
-        "machine": machine(), "device": str(device), "batch": B, "precision": args.precision,
+        "machine": machine(device), "device": str(device), "batch": B,
+        "precision": args.precision,
         "channels_last": args.channels_last, "compile": args.compile,
         "fake_steps": args.fake_steps, "repeats": R,
         "unit_gflops_forward_pass": unit / 1e9,

@@ -4,7 +4,8 @@ Nothing here is paper mathematics; the objectives live in the stage scripts
 (`train_teacher.py`, `distill.py`). Conventions that every script shares are named once here:
 
 - pixels: uint8 in [0, 255] on disk, float in [-1, 1] in the networks (`from_uint8`, `to_uint8`);
-- checkpoints: the authors' layouts (SPEC section 3) plus a `config` entry describing the network;
+- checkpoints: the authors' layouts (README, "Using the authors' checkpoints") plus a `config`
+  entry describing the network;
 - randomness: one seeded generator draws every per-update random tensor for the *global* batch,
   and each process / micro-batch takes its slice, so that one process, several processes and
   gradient accumulation see identical noise and data (this is what makes them comparable).
@@ -117,7 +118,7 @@ def int_list(text):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pixel convention (SPEC sections 1 and 7)
+# Pixel convention (the authors' code; the paper's FID protocol)
 
 def from_uint8(x):
     """uint8 [0, 255] -> float32 [-1, 1], as `(x / 127.5) - 1`."""
@@ -125,7 +126,7 @@ def from_uint8(x):
 
 
 def to_uint8(x):
-    """float [-1, 1] -> uint8, the quantisation of the paper's FID protocol (SPEC section 7)."""
+    """float [-1, 1] -> uint8, the quantisation of the paper's FID protocol (see fid.py)."""
     return (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -535,7 +536,7 @@ def to_device(x, device):
 
 
 def flip(x, mask):
-    """Horizontal flip of the images where mask is True (random flips, SPEC section 1)."""
+    """Horizontal flip of the images where mask is True (the authors' random flips)."""
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
 

@@ -1,6 +1,6 @@
 """Frechet Inception Distance with the TensorFlow protocol, in plain PyTorch.
 
-The paper's FIDs (SPEC section 7) compare 50,000 generated images with the 50,000 CIFAR-10
+The paper's FIDs (its section 4) compare 50,000 generated images with the 50,000 CIFAR-10
 training images using clean-fid's "legacy_tensorflow" mode, i.e. the TensorFlow FID of TTUR.
 This file computes the same quantity offline, without clean-fid or pytorch-fid:
 

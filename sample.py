@@ -13,7 +13,7 @@ Conventions: the generator maps noise z to x = z + G(0, z, y) (distill.generate,
 the teacher integrates dx/dt = v*(t, x, y) from t = 0 (x = z) to t = 1, so a teacher sampled with
 --nfe 1 gives exactly the generator's starting point z + v*(0, z). The authors' own sampler runs
 torchdyn Euler on 100 time points, i.e. 99 steps; `--nfe 99` reproduces it.
-Images are quantised as in the paper's FID protocol (SPEC 7). Labels are balanced,
+Images are quantised as in the paper's FID protocol (fid.py). Labels are balanced,
 `arange(n) % classes`, or all equal to --label. Image i depends only on (--seed, i), not on the
 batch size.
 """

@@ -1,4 +1,4 @@
-"""Train the flow-matching teacher v*(t, x, y) that RealUID distills (paper section 2, SPEC 1).
+"""Train the flow-matching teacher v*(t, x, y) that RealUID distills (paper section 2).
 
 Paper setting, CIFAR-10 (the authors' official defaults; 400k steps at batch 256):
 
@@ -9,7 +9,7 @@ Expected (the paper's numbers, Euler with 100 steps, FID on 50k samples vs the t
 3.57 unconditional, 5.56 class-conditional. CelebA 64x64 (authors: lr 4e-5):
 `--data path/to/celeba_folder --image-size 64 --lr 4e-5`.
 
-Conventions (SPEC 1): noise x0 ~ N(0, I) at t = 0, data x1 at t = 1, t ~ U[0, 1] per sample,
+Conventions (the paper's section 2 and the authors' code): noise x0 ~ N(0, I) at t = 0, data x1 at t = 1, t ~ U[0, 1] per sample,
 x_t = t x1 + (1 - t) x0, target velocity u = x1 - x0; pixels in [-1, 1]; random horizontal
 flips. Checkpoints keep the authors' layout: {net_model, ema_models{str(decay)}, optim, sched,
 step} plus our `config` (network settings), RNG and data position for an exact --resume.

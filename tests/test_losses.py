@@ -1,7 +1,7 @@
 """The RealUID objectives of distill.py against closed forms.
 
 For Gaussian data N(mu, sigma^2) (per coordinate), noise x0 ~ N(0, 1) and the interpolation
-x_t = t x1 + (1 - t) x0 of SPEC 1, the marginal flow field is affine in x:
+x_t = t x1 + (1 - t) x0 (t = 0 noise, t = 1 data), the marginal flow field is affine in x:
 
     v(t, x) = mu + k(t) (x - t mu),   k(t) = (t sigma^2 - (1 - t)) / (t^2 sigma^2 + (1 - t)^2),
 

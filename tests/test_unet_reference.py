@@ -1,5 +1,5 @@
 """unet.UNet against the reference it re-implements: torchcfm 1.0.7's UNetModelWrapper (used by the
-authors' code) and the authors' GAN head `cls_pred_branch` (SPEC section 5).
+authors' code) and the authors' GAN head `cls_pred_branch` (the GAN baseline of eqs. 7-9).
 
 Skipped when torchcfm is not importable. Run with the reference on the path:
     PYTHONPATH=/opt/ref python -m pytest tests/test_unet_reference.py
@@ -64,7 +64,7 @@ def reference_unet(cfg):
 
 
 def authors_head(c):
-    """The authors' discriminator head (RealUID src/models.py, SPEC section 5), by layout."""
+    """The authors' discriminator head (RealUID src/models.py, eqs. 7-9), by layout."""
     return nn.Sequential(nn.Conv2d(c, c, kernel_size=2, stride=2), nn.GroupNorm(32, c), nn.SiLU(),
                          nn.Conv2d(c, c, kernel_size=2, stride=2), nn.GroupNorm(32, c), nn.SiLU(),
                          nn.Conv2d(c, 1, kernel_size=1))
