@@ -46,15 +46,6 @@ def sh(command):
     return time.perf_counter() - start
 
 
-def pixel_fd(a, b):
-    """Frechet distance between two uint8 image sets [N, H, W, C] in pixel space ([0, 1])."""
-    stats = []
-    for x in (a, b):
-        x = x.reshape(len(x), -1).astype(np.float64) / 255
-        stats += [x.mean(0), np.cov(x, rowvar=False)]
-    return fid.frechet_distance(*stats)
-
-
 def before_after(out):
     """The distillation's own grids (same latents): step 0 = z + v*(0, z), and the last step."""
     from PIL import Image
@@ -89,7 +80,7 @@ def main():
         else:
             sh(f"python sample.py {flags} --n {n} --seed 7 --out runs/qs_eval.npz")
             images = np.load(os.path.join(ROOT, "runs/qs_eval.npz"))["images"]
-        results[name] = pixel_fd(images, heldout)
+        results[name] = fid.pixel_frechet_distance(images, heldout)
     report = {"machine": machine(), "commands": COMMANDS, "seconds": times,
               "total_seconds": total, "pixel_fd_vs_heldout": results, "samples": n}
     out = os.path.join(ROOT, "benchmarks", "results", "quickstart_cpu.json")
