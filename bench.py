@@ -108,11 +108,12 @@ def machine(device=None):
 def fill_zero_layers(net):
     """Give the zero-initialised layers (the last layer of every residual branch, the output
     conv) N(0, 0.02) weights from the global RNG, so that a random network computes something
-    (a fresh U-Net outputs exactly 0)."""
+    (a fresh U-Net outputs exactly 0). Drawn in logical order: the same weights in any memory
+    format."""
     with torch.no_grad():
         for p in net.parameters():
             if p.dim() > 1 and p.abs().max() == 0:
-                p.normal_(0, 0.02)
+                p.copy_(torch.randn(p.shape, device=p.device, dtype=p.dtype) * 0.02)
     return net
 
 
@@ -126,10 +127,12 @@ def random_teacher(path, cond, net_config=None):
                 "config": {"kind": "teacher", "net": net.config}}, path)
 
 
-def scratch_files(batch_size, cond, net_config=None):
-    """A temporary folder with a random teacher (paper size unless `net_config`) and random
-    uint8 data of its image size. Returns (folder, teacher path, data path)."""
-    tmp = tempfile.mkdtemp(prefix="realuid_bench_")
+def scratch_files(batch_size, cond, net_config=None, folder=None):
+    """A folder (default: a new temporary one) with a random teacher (paper size unless
+    `net_config`) and random uint8 data of its image size. Returns (folder, teacher path, data
+    path)."""
+    tmp = folder or tempfile.mkdtemp(prefix="realuid_bench_")
+    os.makedirs(tmp, exist_ok=True)
     teacher_path, data_path = os.path.join(tmp, "teacher.pt"), os.path.join(tmp, "data.npz")
     random_teacher(teacher_path, cond, net_config)
     size = (net_config or {}).get("image_size", 32)
@@ -163,6 +166,14 @@ def update_fns(s, dargs):
             fake_update()
         gen_update()
     return fake_update, gen_update, cycle
+
+
+def generator_forward(s, z, y):
+    """G forward without a graph on (z, y): one pass of the cost model, the FLOP unit."""
+    def g_forward():
+        with torch.no_grad(), s.amp:
+            distill.generate(s.gen, z, y)
+    return g_forward
 
 
 def objective_gradient(player, batch, amp):
@@ -230,7 +241,8 @@ def parse_args(argv=None):
     p.add_argument("--fake-steps", type=int, default=5, help="fake updates per cycle")
     p.add_argument("--cond", action="store_true", help="class-conditional network")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each player's objective (distill.py --compile)")
     p.add_argument("--out", default="benchmarks/results/bench.json", help="JSON output")
     return p.parse_args(argv)
 
@@ -255,7 +267,7 @@ def main(args):
     B, R = args.batch_size, args.repeats
     fake_update, gen_update, cycle = update_fns(s, dargs)
 
-    # The unavoidable passes, on the same networks and shapes (SPEC 4 / README cost model).
+    # The unavoidable passes, on the same networks and shapes (the README's cost model).
     batch = distill.draw(s, dargs)
     z, x0, t, y = batch["z"], batch["x0"], batch["t"], batch["y"]
     t_ = t.view(-1, 1, 1, 1)
@@ -263,9 +275,7 @@ def main(args):
     xt2, t2 = torch.cat([xt, xt]), torch.cat([t, t])
     y2 = None if y is None else torch.cat([y, y])
 
-    def g_forward():
-        with torch.no_grad(), s.amp:
-            distill.generate(s.gen, z, y)
+    g_forward = generator_forward(s, z, y)
 
     def f_forward_backward_2b():
         with s.amp:
