@@ -148,8 +148,9 @@ def distill_state(argv):
     backends configured for the precision (no run folder is written)."""
     dargs = distill.parse_args([str(a) for a in argv])
     d = common.Dist(dargs.device)
+    s = distill.setup(dargs, d)  # resolves --precision auto
     common.configure_backends(d.device, dargs.precision, dargs.deterministic)
-    return dargs, distill.setup(dargs, d)
+    return dargs, s
 
 
 def update_fns(s, dargs):

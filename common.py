@@ -274,7 +274,16 @@ def micro_batches(tensors, micro):
         yield {k: (None if v is None else v[lo:lo + micro]) for k, v in tensors.items()}
 
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "mixed")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16", "mixed")
+
+
+def resolve_precision(precision, device):
+    """--precision auto: "mixed" on a CUDA GPU with bf16 (Ampere and newer), where it keeps the
+    generator's gradient within 0.4% of fp32 while bf16 alone loses it late in training (the
+    README's precision table); fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def precision_context(device, precision):
@@ -283,6 +292,8 @@ def precision_context(device, precision):
     fp32 and tf32 run without autocast (tf32 is a backend switch, see configure_backends)."""
     if precision in ("fp32", "tf32"):
         return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16", "mixed"):
+        raise ValueError(f"precision {precision!r}: resolve 'auto' with resolve_precision first")
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16"
                           else torch.bfloat16)
 
@@ -1120,7 +1131,7 @@ def net_config_from_args(args, in_channels=3, num_classes=None, dropout=0.0, con
 
 
 def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every, save_every,
-                 precisions=("fp32", "tf32", "bf16", "fp16")):
+                 precisions=("fp32", "tf32", "bf16", "fp16"), precision="fp32"):
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/run",
                    help="output folder of the run (with --resume RUN_DIR: RUN_DIR)")
@@ -1157,11 +1168,12 @@ def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every
     g.add_argument("--snapshot-every", type=count, default=0,
                    help="also keep a numbered copy <out>/ckpt_<step>.pt every N steps (0: never)")
     s = p.add_argument_group("speed")
-    s.add_argument("--precision", choices=list(precisions), default="fp32",
+    s.add_argument("--precision", choices=list(precisions), default=precision,
                    help="fp32 (no TF32); tf32 (TF32 matrix products on CUDA); bf16 / fp16 "
                         "(autocast, losses and optimizer in fp32, fp16 with gradient scaling)"
                         + ("; mixed (bf16, but teacher and fake model in fp32 in the generator "
-                           "update, see README)" if "mixed" in precisions else ""))
+                           "update, see README); auto: mixed on a CUDA GPU with bf16, fp32 "
+                           "elsewhere" if "mixed" in precisions else ""))
     s.add_argument("--grad-accum", type=positive_int, default=1,
                    help="accumulate gradients over K micro-batches (same update as one batch)")
     s.add_argument("--channels-last", action="store_true", help="channels-last memory format")

@@ -214,7 +214,7 @@ def build_parser():
     # 800k updates, i.e. 133,333 steps).
     common.add_run_args(p, steps=66_667, batch=256, lr=3e-5, warmup_steps=500,
                         ema=[0.999, 0.9996, 0.9999], log_every=100, sample_every=5000,
-                        save_every=5000, precisions=common.PRECISIONS)
+                        save_every=5000, precisions=common.PRECISIONS, precision="auto")
     common.add_fid_args(p)
     return p
 
@@ -251,6 +251,7 @@ def setup(args, d):
     all state (weights, optimizers, schedules, RNG, data position).
     """
     device = d.device
+    args.precision = common.resolve_precision(args.precision, device)  # saved resolved
     s = argparse.Namespace(d=d, device=device, alpha=args.alpha, beta=args.beta)
     s.gamma = args.alpha if args.gamma is None else args.gamma
     s.general = args.gamma is not None and args.gamma != args.alpha
@@ -555,8 +556,8 @@ def save_grids(s, args, z, y):
 def main(args):
     check_args(args)
     d = common.Dist(args.device)
-    common.configure_backends(d.device, args.precision, args.deterministic)
     s = setup(args, d)
+    common.configure_backends(d.device, args.precision, args.deterministic)
     fid_eval = common.InTrainingFID(args, d.device, s.shape, s.cfg["num_classes"]) \
         if args.fid_every and d.main else None
     common.start_run(args, d)
