@@ -63,7 +63,8 @@ def cli(main, parse_args):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Interrupted as e:
-        print(str(e), file=sys.stderr, flush=True)
+        if str(e):  # the main process speaks for all
+            print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.code)
     except KeyboardInterrupt:
         print("interrupted (nothing was saved by this command)", file=sys.stderr, flush=True)
@@ -1031,9 +1032,11 @@ class Control:
     def stopped(self, step):
         """The exception that ends a run stopped by a signal (after its checkpoint is saved)."""
         signum = self.signal or signal.SIGTERM  # the signal reached another process
-        return Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}/"
-                           f"{self.args.steps}: {self.args.out}/latest.pt written; continue "
-                           f"with: python {self.script} --resume {self.args.out}", 128 + signum)
+        message = (f"stopped by {signal.Signals(signum).name} at step {step}/{self.args.steps}: "
+                   f"{self.args.out}/latest.pt written; continue with: python {self.script} "
+                   f"--resume {self.args.out}" + (" (under the same launcher, e.g. torchrun)"
+                                                  if self.d.world > 1 else ""))
+        return Interrupted(message if self.d.main else "", 128 + signum)
 
 
 def _plain(v):
