@@ -35,8 +35,7 @@ COMMANDS = [
     "python distill.py --teacher runs/toy_teacher/latest.pt --teacher-ema 0.995 "
     "--data runs/toy.npz --alpha 0.94 --beta 0.96 --batch-size 32 --lr 2e-4 --warmup 10 "
     "--ema 0.95 --steps 60 --log-every 10 --sample-every 20 --out runs/toy_distill",
-    "python sample.py --ckpt runs/toy_distill/latest.pt --ema 0.95 --n 64 "
-    "--out runs/toy_samples.png",
+    "python sample.py --ckpt runs/toy_distill/latest.pt --n 64 --out runs/toy_samples.png",
 ]
 
 
@@ -55,7 +54,7 @@ def before_after(out):
     im = Image.new("RGB", (2 * a.width + 8, a.height), "white")
     im.paste(a, (0, 0))
     im.paste(b, (a.width + 8, 0))
-    im.save(out)
+    im.resize((3 * im.width, 3 * im.height), Image.NEAREST).save(out)  # readable at 16x16
 
 
 def main():
