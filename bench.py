@@ -38,6 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+import coupling
 import distill
 import train_teacher
 import unet
@@ -117,24 +118,30 @@ def fill_zero_layers(net):
     return net
 
 
-def random_teacher(path, cond, net_config=None):
+def random_teacher(path, cond, net_config=None, task=None):
     """A teacher file with random weights (zero-initialised layers made non-zero so that every
-    network computes something): the paper's network, or `net_config`'s (UNet keywords)."""
+    network computes something): the paper's network, or `net_config`'s (UNet keywords); with
+    `task`, an image-to-image teacher of that task on the bridge path."""
     torch.manual_seed(0)
-    net = fill_zero_layers(unet.UNet(**dict(net_config or {}, num_classes=10 if cond else None)))
+    cfg = dict(net_config or {}, num_classes=10 if cond else None)
+    if task:
+        cfg["cond_channels"] = cfg.get("in_channels", 3)
+    net = fill_zero_layers(unet.UNet(**cfg))
     sd = net.state_dict()
     torch.save({"net_model": sd, "ema_models": {"0.999": sd}, "step": 0,
-                "config": {"kind": "teacher", "net": net.config}}, path)
+                "config": {"kind": "teacher", "net": net.config,
+                           "coupling": coupling.describe(task, "bridge", 0.25) if task
+                           else None}}, path)
 
 
-def scratch_files(batch_size, cond, net_config=None, folder=None):
+def scratch_files(batch_size, cond, net_config=None, folder=None, task=None):
     """A folder (default: a new temporary one) with a random teacher (paper size unless
     `net_config`) and random uint8 data of its image size. Returns (folder, teacher path, data
     path)."""
     tmp = folder or tempfile.mkdtemp(prefix="realuid_bench_")
     os.makedirs(tmp, exist_ok=True)
     teacher_path, data_path = os.path.join(tmp, "teacher.pt"), os.path.join(tmp, "data.npz")
-    random_teacher(teacher_path, cond, net_config)
+    random_teacher(teacher_path, cond, net_config, task)
     size = (net_config or {}).get("image_size", 32)
     rng = np.random.default_rng(0)
     n = max(4 * batch_size, 64)
@@ -169,11 +176,12 @@ def update_fns(s, dargs):
     return fake_update, gen_update, cycle
 
 
-def generator_forward(s, z, y):
-    """G forward without a graph on (z, y): one pass of the cost model, the FLOP unit."""
+def generator_forward(s, z, y, src=None):
+    """G forward without a graph on (z, y[, source]): one pass of the cost model, the FLOP
+    unit."""
     def g_forward():
         with torch.no_grad(), s.amp:
-            distill.generate(s.gen, z, y)
+            distill.generate(s.gen, z, y, src)
     return g_forward
 
 
@@ -241,6 +249,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--fake-steps", type=int, default=5, help="fake updates per cycle")
     p.add_argument("--cond", action="store_true", help="class-conditional network")
+    p.add_argument("--task", choices=coupling.TASKS, default=None,
+                   help="an image-to-image teacher of this task (the source is one more "
+                        "network input: the passes and FLOPs should stay those of the cost "
+                        "model)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each player's objective (distill.py --compile)")
@@ -253,7 +265,7 @@ def main(args):
         return importlib.import_module(SUITES[args.suite]).main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp, teacher_path, data_path = scratch_files(args.batch_size, args.cond)
+    tmp, teacher_path, data_path = scratch_files(args.batch_size, args.cond, task=args.task)
     common_flags = ["--data", data_path, "--out", tmp, "--batch-size", args.batch_size,
                     "--precision", args.precision, "--workers", 0, "--warmup", 0]
     if args.device:
@@ -270,23 +282,23 @@ def main(args):
 
     # The unavoidable passes, on the same networks and shapes (the README's cost model).
     batch = distill.draw(s, dargs)
-    z, x0, t, y = batch["z"], batch["x0"], batch["t"], batch["y"]
+    z, x0, t, y, src = batch["z"], batch["x0"], batch["t"], batch["y"], batch["s"]
     t_ = t.view(-1, 1, 1, 1)
     xt = t_ * batch["x_d"] + (1 - t_) * x0
     xt2, t2 = torch.cat([xt, xt]), torch.cat([t, t])
-    y2 = None if y is None else torch.cat([y, y])
+    y2, src2 = (None if v is None else torch.cat([v, v]) for v in (y, src))
 
-    g_forward = generator_forward(s, z, y)
+    g_forward = generator_forward(s, z, y, src)
 
     def f_forward_backward_2b():
         with s.amp:
-            out = s.fake(t2, xt2, y2)
+            out = distill.field(s.fake, t2, xt2, y2, src2)
         out.float().square().sum().backward()
         s.fake.zero_grad(set_to_none=True)
 
     def g_forward_backward():
         with s.amp:
-            out = distill.generate(s.gen, z, y)
+            out = distill.generate(s.gen, z, y, src)
         out.square().sum().backward()
         s.gen.zero_grad(set_to_none=True)
 
@@ -294,7 +306,7 @@ def main(args):
         def pass_():
             x = xt.detach().requires_grad_(True)
             with s.amp:
-                out = run(t, x, y)
+                out = distill.field(run, t, x, y, src)
             out.float().square().sum().backward()  # parameters frozen: only x gets a gradient
         return pass_
 
@@ -336,7 +348,7 @@ def main(args):
     # Teacher training (one flow-matching update at batch B, dropout 0.1 as in the paper) and
     # one-step sampling.
     targs = train_teacher.parse_args([str(a) for a in common_flags + (
-        ["--cond"] if args.cond else [])])
+        ["--cond"] if args.cond else []) + (["--task", args.task] if args.task else [])])
     ts = train_teacher.setup(targs, d)
     teacher_update = lambda: train_teacher.teacher_update(ts, targs,                # noqa: E731
                                                           train_teacher.draw(ts, targs))
