@@ -11,6 +11,11 @@ best checkpoint, EMA 0.999; about 4.5 days on one 65 GB accelerator):
 
 then fine-tune with finetune.py and sample with sample.py. The teacher may be ours
 (train_teacher.py) or the authors' file; its EMA 0.999 weights are used (--teacher-ema).
+Image-to-image (Appendix C): a teacher trained with `train_teacher.py --task` or on a pairs
+file makes this the distillation of a one-step restoration model (every network also sees the
+source s; coupling.py names the conventions), with the same flags:
+
+    python distill.py --teacher runs/sr4_teacher/latest.pt --data cifar10 --alpha 0.94 --beta 0.96
 
 Legend (paper symbol -> code): teacher v* -> `teacher`, fake model f -> `fake`, generator G ->
 `gen`, alpha/beta/gamma -> `alpha`/`beta`/`gamma`, real data p_d -> `x_d`, generated data p_G ->
@@ -307,7 +312,7 @@ def setup(args, d):
         for net in (s.teacher, s.gen, s.fake, *s.emas.values()):
             net.to(memory_format=torch.channels_last)
     s.fake_frozen = common.frozen_alias(s.fake)  # f as the generator update sees it
-    # Adam with betas (0, 0.999) for both players, linear warm-up per optimizer (section 4.1).
+    # Adam with betas (0, 0.999) for both players, linear warm-up per optimizer (Appendix D).
     s.g = common.Player(s.gen, generator_objective(s, args), args, d, args.lr, (0.0, 0.999),
                         args.warmup)
     s.f = common.Player(s.fake, fake_objective(s, args), args, d, args.lr, (0.0, 0.999),

@@ -9,10 +9,18 @@ Expected (the paper's numbers, Euler with 100 steps, FID on 50k samples vs the t
 3.57 unconditional, 5.56 class-conditional. CelebA 64x64 (authors: lr 4e-5):
 `--data path/to/celeba_folder --image-size 64 --lr 4e-5`.
 
-Conventions (the paper's section 2 and the authors' code): noise x0 ~ N(0, I) at t = 0, data x1 at t = 1, t ~ U[0, 1] per sample,
+Image-to-image teachers (Appendix C; coupling.py): a built-in corruption of any data set, or a
+pairs .npz (uint8 `source` and `images`), on the bridge or the cond-fm path:
+
+    python train_teacher.py --data cifar10 --task sr4 --path bridge --source-noise 0.25 \
+        --out runs/sr4_teacher
+
+Conventions (the paper's section 2 and the authors' code): noise x0 ~ N(0, I) at t = 0 (for a
+coupling the start x0 = kappa s + sigma_s eps), data x1 at t = 1, t ~ U[0, 1] per sample,
 x_t = t x1 + (1 - t) x0, target velocity u = x1 - x0; pixels in [-1, 1]; random horizontal
 flips. Checkpoints keep the authors' layout: {net_model, ema_models{str(decay)}, optim, sched,
-step} plus our `config` (network settings), RNG and data position for an exact --resume.
+step} plus our `config` (network settings, coupling), RNG and data position for an exact
+--resume.
 """
 import argparse
 import copy
