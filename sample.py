@@ -8,14 +8,19 @@ class-conditional models) that fid.py reads, and/or a PNG grid.
     python sample.py --ckpt runs/teacher/latest.pt --nfe 100 --n 50000 --out teacher.npz
     # a grid from the authors' released fine-tuned generator (EMA 0.9999)
     python sample.py --ckpt cifar10_uncond_finetuned.pt --ema 0.9999 --n 100 --out grid.png
+    # image-to-image (Appendix C): translate images, 4 restorations each, in one step
+    python sample.py --ckpt runs/sr4/latest.pt --source low_res/ --per-source 4 --out sr.npz sr.png
+    # ... or corrupt held-out images with the model's own task (the grid shows the targets)
+    python sample.py --ckpt runs/sr4/latest.pt --data heldout.npz --n 16 --out sr.png
 
 Conventions: the generator maps noise z to x = z + G(0, z, y) (distill.generate, Appendix D);
 the teacher integrates dx/dt = v*(t, x, y) from t = 0 (x = z) to t = 1, so a teacher sampled with
 --nfe 1 gives exactly the generator's starting point z + v*(0, z). The authors' own sampler runs
 torchdyn Euler on 100 time points, i.e. 99 steps; `--nfe 99` reproduces it.
 Images are quantised as in the paper's FID protocol (fid.py). Labels are balanced,
-`arange(n) % classes`, or all equal to --label. Image i depends only on (--seed, i), not on the
-batch size.
+`arange(n) % classes`, or all equal to --label (a pairs file's own labels when translating).
+Image i depends only on (--seed, i), not on the batch size. An image-to-image model starts from
+kappa s + sigma_s eps (coupling.py) with eps the noise of (--seed, i).
 """
 import argparse
 import os
