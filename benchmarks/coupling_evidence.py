@@ -89,9 +89,13 @@ def run_name(alpha, beta, seed):
 
 def distill_run(work, alpha, beta, seed, steps, every):
     """One distillation through the command line, snapshots every `every` steps (skipped when
-    a run of the same setting and seed already reached `steps`)."""
+    a run of the same setting and seed already reached `steps`, resumed when it stopped
+    before)."""
     out = f"{work}/runs/{run_name(alpha, beta, seed)}"
     if os.path.exists(f"{out}/ckpt_{steps:07d}.pt"):
+        return out
+    if os.path.exists(f"{out}/latest.pt"):  # an interrupted run: resume it (bit-identical on CPU)
+        sh(f"python distill.py --resume {out}")
         return out
     d = DISTILL
     sh(f"python distill.py --teacher {work}/teacher/latest.pt --teacher-ema {TEACHER['ema']} "

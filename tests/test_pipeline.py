@@ -250,13 +250,17 @@ def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path
                       "--fid-every", 1, "--fid-ref", tmp_path / "nope.npz"])
 
 
-def test_readme_quick_start_is_what_the_benchmark_measures():
-    """The figures quoted under the README's quick start come from benchmarks/quickstart.py, which
-    reruns its commands verbatim: the two lists must not drift apart."""
+@pytest.mark.parametrize("section,script", [("## CPU quick start", "quickstart"),
+                                            ("### CPU quick start: 4x super-resolution",
+                                             "quickstart_pairs")])
+def test_readme_quick_start_is_what_the_benchmark_measures(section, script):
+    """The figures quoted under the README's quick starts come from benchmarks/quickstart.py and
+    benchmarks/quickstart_pairs.py, which rerun their commands verbatim: the lists must not
+    drift apart."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import quickstart
+    module = __import__(script)
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    block = text.split("## CPU quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = text.split(section, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     readme = [" ".join(c.split()) for c in block.replace("\\\n", " ").splitlines()]
     readme = [c.split("#")[0].strip() for c in readme if c.strip()]
-    assert readme == [" ".join(c.split()) for c in quickstart.COMMANDS]
+    assert readme == [" ".join(c.split()) for c in module.COMMANDS]
