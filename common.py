@@ -11,6 +11,7 @@ Nothing here is paper mathematics; the objectives live in the stage scripts
   gradient accumulation see identical noise and data (this is what makes them comparable).
 """
 import argparse
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -496,7 +498,15 @@ class Batches:
             self.loader = iter(torch.utils.data.DataLoader(
                 data.folder, batch_sampler=self._rank_indices(), num_workers=workers,
                 pin_memory=dist_info.device.type == "cuda", persistent_workers=True,
-                worker_init_fn=_ignore_stop_signals))
+                worker_init_fn=_ignore_stop_signals,
+                # its own generator: the loader's seed for its workers would otherwise be
+                # drawn from the global RNG, whose stream the run's noise relies on, and a
+                # run with workers (or resumed with them) would differ from one without
+                generator=torch.Generator().manual_seed(seed)))
+            # The workers ignore SIGTERM, so multiprocessing's own exit hook (terminate, then
+            # join) would wait for them forever: shut them down first, on every way out of
+            # the process (atexit hooks run last-registered first).
+            atexit.register(_close_batches, weakref.ref(self))
 
     def _global_indices(self, k):
         per_epoch = len(self.data) // self.batch
@@ -528,6 +538,19 @@ class Batches:
         self.consumed += 1
         device = self.dist.device
         return to_device(x, device), to_device(y, device), to_device(src, device)
+
+
+    def close(self):
+        """Stop the loader workers (idempotent; the data cannot be read afterwards)."""
+        if self.loader is not None:
+            self.loader._shutdown_workers()
+            self.loader = None
+
+
+def _close_batches(ref):
+    batches = ref()
+    if batches is not None:
+        batches.close()
 
 
 def _ignore_stop_signals(worker_id):
@@ -1248,11 +1271,17 @@ def parse_run_args(parser, argv, script, init_hint):
     """A training script's flags. With --resume, the run's own flags are restored from its
     checkpoint: flags given on the command line must be RESUMABLE or equal the saved ones.
     Sets args.resume to the checkpoint path (None without --resume) and args.from_authors for
-    the authors' files, which carry no flags (all then come from the command line)."""
+    the authors' files, which carry no flags (all then come from the command line). Without
+    --resume, an --out that already holds a run is refused: a repeated command never
+    overwrites the checkpoint it could have resumed."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     args.from_authors = False
     if args.resume is None:
+        if os.path.exists(os.path.join(args.out, "latest.pt")):  # never overwrite a run
+            fail(f"--out {args.out} already holds a run (latest.pt); continue it with "
+                 f"`python {script} --resume {args.out}`, or pass another --out (delete the "
+                 "folder to start that run over)")
         return args
     given = given_flags(parser, argv)
     path = resume_path(args.resume, args.out)

@@ -13,6 +13,7 @@ distillation's grids at step 0 and at the end, same latents) and prints a Markdo
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,15 @@ COMMANDS = [
 ]
 
 
+def fresh(commands):
+    """Remove the run folders the training commands write (a training script refuses to start
+    a new run over an existing one), so that a rerun measures the same thing from scratch."""
+    for c in commands:
+        words = c.split()
+        if words[1] in ("train_teacher.py", "distill.py", "finetune.py"):
+            shutil.rmtree(os.path.join(ROOT, words[words.index("--out") + 1]), ignore_errors=True)
+
+
 def sh(command):
     start = time.perf_counter()
     subprocess.run(command, shell=True, cwd=ROOT, check=True)
@@ -58,6 +68,7 @@ def before_after(out):
 
 
 def main():
+    fresh(COMMANDS)
     times = {c.split()[1]: sh(c) for c in COMMANDS}
     total = sum(times.values())
     n = 2048

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quickstart import ROOT, TOY_NET, sh  # noqa: E402  (the same tiny network and runner)
+from quickstart import ROOT, TOY_NET, fresh, sh  # noqa: E402  (the same tiny network and runner)
 
 import common  # noqa: E402
 import sample  # noqa: E402
@@ -57,6 +57,7 @@ def figure(path, n=8, nfe=20):
 
 
 def main():
+    fresh(COMMANDS)
     times = {}
     for c in COMMANDS:
         name = " ".join(c.split()[1:3]) if c.split()[1] == "fid.py" else c.split()[1]

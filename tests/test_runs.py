@@ -168,6 +168,12 @@ def test_resume_restores_every_flag_and_refuses_changes(teachers, tiny_data, tmp
           "is not the teacher")
     run(distill, ["--resume", out, "--teacher", teachers["cond"], "--steps", 3])
     assert load(out / "latest.pt")["step"] == 3
+    # the same command again without --resume never overwrites the run it could continue
+    before = open(out / "latest.pt", "rb").read()
+    message = fails(distill, distill_argv(teachers["cond"], tiny_data["cond"], out, 5),
+                    "already holds a run")
+    assert f"python distill.py --resume {out}" in message
+    assert open(out / "latest.pt", "rb").read() == before
 
 
 def test_save_every_zero_and_status_lines(teachers, tiny_data, tmp_path, monkeypatch, capsys):
@@ -375,3 +381,30 @@ def test_continue_the_authors_distilled_checkpoint(tmp_path, tiny_data, capsys):
                                  "--data", tiny_data["uncond"], "--ema", 0.9996, "--steps", 3,
                                  "--out", tmp_path / "x", *TINY_NET, *FAST])
     assert "tracks the EMAs 0.999, not 0.9996" in message
+
+
+def test_runs_on_loader_workers_end_and_resume_exactly(tmp_path):
+    """An image folder is read by loader workers, which ignore the stop signals: a run must
+    still exit at its end and on SIGTERM (multiprocessing's exit hook would otherwise wait for
+    them forever), and the resumed run must continue with the very next batch."""
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    argv = lambda out, steps: ["--data", folder, *TINY_NET, "--batch-size", 4, "--steps", steps,  # noqa: E731
+                               "--lr", 1e-3, "--warmup", 2, "--log-every", 1, "--sample-every", 0,
+                               "--device", "cpu", "--workers", 2, "--out", out]
+    steps = 12
+    finish("train_teacher.py", argv(tmp_path / "straight", steps))
+    out = tmp_path / "stopped"
+    proc = start("train_teacher.py", argv(out, steps))
+    wait_for_line(proc, f"step 2/{steps}")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert load(out / "latest.pt")["step"] < steps
+    finish("train_teacher.py", ["--resume", out])
+    assert tensors_equal(comparable(tmp_path / "straight" / "latest.pt"),
+                         comparable(out / "latest.pt")) == []
