@@ -237,7 +237,7 @@ def parse_args(argv=None):
         args.suite = known.suite
         return args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--suite", choices=list(SUITES), default=None,
                    help="run a suite instead (precision: gradient precision study on CPU; gpu: "
                         "the GPU benchmark); `--suite NAME --help` lists its flags")

@@ -73,11 +73,22 @@ def cli(main, parse_args):
         sys.exit(130)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the flag has none (None) or its help
+    already says what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`error: ...; see --help`) and --help that shows defaults."""
 
     def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kw.setdefault("formatter_class", HelpFormatter)
         super().__init__(*a, **kw)
 
     def error(self, message):

@@ -7,10 +7,11 @@ Each image is one filled shape (square, disc, plus or triangle: the class label)
 colours, at a random size and position, on a dark background with a little pixel noise. The
 .npz holds uint8 `images` [N, H, W, 3] and int64 `labels` [N], the format every script reads.
 """
-import argparse
 import os
 
 import numpy as np
+
+import common
 
 COLOURS = np.array([[230, 60, 60], [60, 200, 80], [70, 110, 240], [240, 210, 60],
                     [200, 80, 220], [80, 220, 220]], np.float32)
@@ -55,14 +56,13 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="toy.npz", help="output .npz")
-    p.add_argument("--n", type=int, default=4096, help="number of images")
-    p.add_argument("--size", type=int, default=16, help="image side in pixels")
+    p.add_argument("--n", type=common.positive_int, default=4096, help="number of images")
+    p.add_argument("--size", type=common.positive_int, default=16, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (use another for held-out)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

@@ -164,7 +164,7 @@ def gradients_agree(s, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--device", default=None, help="cuda, npu, mps or cpu (default: the best)")
     p.add_argument("--batch-size", type=int, default=8, help="batch B of one update")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

@@ -212,7 +212,7 @@ def measure(config, args, files, shared):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py --suite gpu", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--device", default=None, help="None: the best (CUDA)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 64], help="batches B")
     p.add_argument("--precisions", nargs="+", choices=EAGER_ORDER, default=EAGER_ORDER,

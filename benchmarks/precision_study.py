@@ -52,6 +52,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
+import common  # noqa: E402
 import distill  # noqa: E402
 import unet  # noqa: E402
 from benchmarks.quickstart import TOY_NET  # noqa: E402
@@ -85,7 +86,7 @@ def to_float64(net):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py --suite precision",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--workdir", default=None,
                    help="folder of the small run (default: a new temporary folder); reused if "
                         "it already holds distill/latest.pt")

@@ -140,6 +140,13 @@ def test_sample_errors(teachers, tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_toy_data_errors(tmp_path):
+    import toy_data
+    fails(toy_data, ["--n", 0, "--out", tmp_path / "t.npz"], "--n: 0 is not an integer >= 1")
+    fails(toy_data, ["--size", "x", "--out", tmp_path / "t.npz"], "'x' is not an integer >= 1")
+    assert not os.listdir(tmp_path)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     # An absurd learning rate makes the weights overflow after the first update.
     message = fails(train_teacher, ["--data", tiny_data["uncond"], *TINY_NET, "--out", tmp_path,

@@ -207,8 +207,12 @@ def test_help_explains_every_flag(module):
     assert result.returncode == 0 and "usage:" in result.stdout
     assert module.__doc__
     parser = (distill if module is finetune else module).build_parser()
+    formatter = parser._get_formatter()
     for action in parser._actions:
         assert action.help, f"{module.__name__}: {action.option_strings} has no help text"
+        text = formatter._get_help_string(action) % {"default": action.default}
+        assert text.lower().count("default:") <= 1, text  # said once, never "(default: None)"
+        assert "(default: None)" not in text, text
 
 
 @pytest.mark.filterwarnings("ignore:.*not comparable with published FIDs")
