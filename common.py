@@ -56,9 +56,17 @@ def fail(message):
     raise RealUIDError(message)
 
 
+def _stop_outside_a_training_loop(signum, frame):
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} outside a training loop "
+                      "(nothing more was saved)", 128 + signum)
+
+
 def cli(main, parse_args):
     """Run `main(parse_args())` as a command: errors become one line on stderr and exit code 1,
-    a stopped run exits with 128 + the signal number, a Ctrl-C outside a training loop with 130."""
+    a stopped run exits with 128 + the signal number, as does a SIGINT / SIGTERM outside a
+    training loop (during setup, say; the loop installs its own handlers, see Control)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_outside_a_training_loop)
     try:
         main(parse_args())
     except RealUIDError as e:
@@ -69,7 +77,8 @@ def cli(main, parse_args):
             print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.code)
     except KeyboardInterrupt:
-        print("interrupted (nothing was saved by this command)", file=sys.stderr, flush=True)
+        print("stopped by SIGINT outside a training loop (nothing more was saved)",
+              file=sys.stderr, flush=True)
         sys.exit(130)
 
 

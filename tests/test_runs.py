@@ -408,3 +408,22 @@ def test_runs_on_loader_workers_end_and_resume_exactly(tmp_path):
     finish("train_teacher.py", ["--resume", out])
     assert tensors_equal(comparable(tmp_path / "straight" / "latest.pt"),
                          comparable(out / "latest.pt")) == []
+
+
+def test_a_signal_outside_the_training_loop_is_one_line(capsys):
+    """SIGTERM or Ctrl-C during setup (before the loop's own handlers) ends the command with
+    one line and 128 + the signal, not a traceback or a silent kill."""
+    def main(args):
+        os.kill(os.getpid(), args)
+        time.sleep(5)  # the handler raises before this ends
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with pytest.raises(SystemExit) as e:
+                common.cli(main, lambda: sig)
+            assert e.value.code == 128 + sig
+            err = capsys.readouterr().err.strip()
+            assert err == (f"stopped by {signal.Signals(sig).name} outside a training loop "
+                           "(nothing more was saved)"), err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
