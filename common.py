@@ -67,6 +67,9 @@ def cli(main, parse_args):
     training loop (during setup, say; the loop installs its own handlers, see Control)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_outside_a_training_loop)
+        # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (a shell's
+        # background job inherits that): an interrupt must work the same way in every phase
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(parse_args())
     except RealUIDError as e:

@@ -416,8 +416,9 @@ def test_a_signal_outside_the_training_loop_is_one_line(capsys):
     def main(args):
         os.kill(os.getpid(), args)
         time.sleep(5)  # the handler raises before this ends
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
         for sig in (signal.SIGTERM, signal.SIGINT):
             with pytest.raises(SystemExit) as e:
                 common.cli(main, lambda: sig)
@@ -426,4 +427,5 @@ def test_a_signal_outside_the_training_loop_is_one_line(capsys):
             assert err == (f"stopped by {signal.Signals(sig).name} outside a training loop "
                            "(nothing more was saved)"), err
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
