@@ -39,7 +39,6 @@ EMA of the generator: the paper's loop, scaled down (budgets below, fixed before
 Data, teachers and the missing-modes initialisation use fixed seeds; --seeds vary everything of
 the distillation (fake-model init, noise, real batches). Deterministic for given seeds on CPU.
 """
-import argparse
 import concurrent.futures
 import copy
 import json
@@ -816,8 +815,7 @@ def scenario_markdown(name, res):
 # ---------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter)
+    p = common.Parser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="the seven settings that test the paper's claims, two 2-D scenarios, "

@@ -236,8 +236,7 @@ def parse_args(argv=None):
         args = importlib.import_module(SUITES[known.suite]).parse_args(rest)
         args.suite = known.suite
         return args
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter)
+    p = common.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", choices=list(SUITES), default=None,
                    help="run a suite instead (precision: gradient precision study on CPU; gpu: "
                         "the GPU benchmark); `--suite NAME --help` lists its flags")

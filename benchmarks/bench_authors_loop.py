@@ -19,7 +19,6 @@ Reports the mean update time over 5 + 1 cycles for both, and checks that both co
 gradients from the same weights and batch (the authors' fake gradient is minus ours: they
 maximise -RealUM). Writes JSON to --out.
 """
-import argparse
 import copy
 import gc
 import json
@@ -163,8 +162,7 @@ def gradients_agree(s, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter)
+    p = common.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda, npu, mps or cpu (default: the best)")
     p.add_argument("--batch-size", type=int, default=8, help="batch B of one update")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

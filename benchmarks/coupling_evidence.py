@@ -25,7 +25,6 @@ The budget (BUDGET: steps, snapshot interval) was fixed from the data-free runs 
 to --out (default results/coupling): evidence.json (every number), evidence.md (the tables),
 curves.png and samples.png; the README's image-to-image section quotes them.
 """
-import argparse
 import concurrent.futures
 import glob
 import json

@@ -38,7 +38,6 @@ torch._dynamo.reset() runs before every compiled configuration.
 Tested on a CPU by tests/test_bench.py: `--device cpu --tiny --batch-sizes 4 2 --repeats 1`,
 with torch.compile monkeypatched to a non-Inductor backend.
 """
-import argparse
 import gc
 import json
 import os
@@ -211,8 +210,7 @@ def measure(config, args, files, shared):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py --suite gpu", description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter)
+    p = common.Parser(prog="bench.py --suite gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="None: the best (CUDA)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 64], help="batches B")
     p.add_argument("--precisions", nargs="+", choices=EAGER_ORDER, default=EAGER_ORDER,

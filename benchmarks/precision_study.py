@@ -38,7 +38,6 @@ rounding errors of the two no longer cancel. ("mixed" runs exactly those two in 
 Writes benchmarks/results/precision_cpu.json and prints a Markdown table. Legend: teacher v*
 `teacher`, fake model f `fake`, generator G `gen`.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -84,9 +83,8 @@ def to_float64(net):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py --suite precision",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter)
+    p = common.Parser(prog="bench.py --suite precision",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=None,
                    help="folder of the small run (default: a new temporary folder); reused if "
                         "it already holds distill/latest.pt")
