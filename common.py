@@ -562,7 +562,6 @@ class Batches:
         device = self.dist.device
         return to_device(x, device), to_device(y, device), to_device(src, device)
 
-
     def close(self):
         """Stop the loader workers (idempotent; the data cannot be read afterwards)."""
         if self.loader is not None:
@@ -636,6 +635,25 @@ def load_checkpoint(path, what="checkpoint", mmap=False):
     if not isinstance(ckpt, dict):
         fail(f"{what} {path} is not a checkpoint dict (got {type(ckpt).__name__})")
     return ckpt
+
+
+def checkpoint_differences(a, b, path="ckpt", ignore=("elapsed_s",)):
+    """The paths at which two checkpoint structures differ (tensors bit for bit), skipping the
+    entries named in `ignore` (by default the wall-clock training time, the one entry an exact
+    resume may change). [] means equal."""
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b)) if isinstance(b, dict) else b!r}"]
+        return [d for k in a if k not in ignore
+                for d in checkpoint_differences(a[k], b[k], f"{path}.{k}", ignore)]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [f"{path}: lengths differ"]
+        return [d for i, (x, y) in enumerate(zip(a, b))
+                for d in checkpoint_differences(x, y, f"{path}[{i}]", ignore)]
+    if torch.is_tensor(a):
+        return [] if torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b) else [path]
+    return [] if a == b else [path]
 
 
 def checkpoint_kind(ckpt):
@@ -982,9 +1000,11 @@ class RunLog:
         self.last_time, self.last_step = self.start_time, start_step
         self.path = os.path.join(out, "metrics.jsonl")
 
-    def elapsed(self):
-        """Seconds of training in this run so far, resumes included."""
-        return self.elapsed_before + time.perf_counter() - self.start_time
+    def elapsed(self, now=None):
+        """Seconds of training in this run so far (until perf_counter `now`), resumes
+        included."""
+        return self.elapsed_before + (time.perf_counter() if now is None else now) - \
+            self.start_time
 
     def write(self, record):
         if self.enabled:
@@ -999,7 +1019,7 @@ class RunLog:
         self.last_time, self.last_step = now, step
         record = {"step": step, **{k: _plain(v) for k, v in values.items()},
                   "sec_per_step": sec, "time": round(time.time(), 3),
-                  "elapsed_s": round(self.elapsed_before + now - self.start_time, 3)}
+                  "elapsed_s": round(self.elapsed(now), 3)}
         mem = peak_memory_mb(device)
         if mem is not None:
             record["peak_mem_mb"] = round(mem, 1)

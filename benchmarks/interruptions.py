@@ -19,8 +19,6 @@ import signal
 import subprocess
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
@@ -45,26 +43,10 @@ def distill_argv(work, out):
 
 
 def state(path):
-    """A checkpoint without its saved flags (--out differs between the runs) and its training
-    time (elapsed_s)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint without its saved flags (--out differs between the runs)."""
+    ckpt = common.load_checkpoint(path)
     ckpt["config"].pop("args")
-    ckpt.pop("elapsed_s")
     return ckpt
-
-
-def differences(a, b, key=""):
-    if isinstance(a, dict):
-        if a.keys() != b.keys():
-            return [key]
-        return [d for k in a for d in differences(a[k], b[k], f"{key}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if len(a) != len(b):
-            return [key]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{key}[{i}]")]
-    if torch.is_tensor(a):
-        return [] if torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b) else [key]
-    return [] if a == b else [key]
 
 
 def interrupted_run(work, out, rng):
@@ -105,7 +87,7 @@ def main(args):
         out = f"{work}/run{i}"
         hits, code, last = interrupted_run(work, out, rng)
         # a command that ends by itself either finished the run or found it finished already
-        diff = differences(reference, state(f"{out}/latest.pt"))
+        diff = common.checkpoint_differences(reference, state(f"{out}/latest.pt"))
         equal += not diff
         print(f"run {i}: {'EQUAL' if not diff else f'DIFF in {len(diff)} entries'} after "
               f"{len(hits)} hits (last command: exit {code} {last[:80]})", flush=True)

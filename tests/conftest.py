@@ -9,6 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 import fid  # noqa: E402
 import train_teacher  # noqa: E402
 
@@ -68,23 +69,9 @@ def load(path):
 
 
 def tensors_equal(a, b, path="ckpt"):
-    """Recursively compare two checkpoint structures; returns a list of differing paths."""
-    diffs = []
-    if isinstance(a, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        for k in a:
-            if k != "elapsed_s":  # wall-clock training time, the one entry that may differ
-                diffs += tensors_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            diffs += tensors_equal(x, y, f"{path}[{i}]")
-    elif torch.is_tensor(a):
-        if not torch.equal(a, b):
-            diffs.append(path)
-    elif a != b:
-        diffs.append(path)
-    return diffs
+    """Recursively compare two checkpoint structures; returns a list of differing paths (the
+    wall-clock training time `elapsed_s` is the one entry that may differ)."""
+    return common.checkpoint_differences(a, b, path)
 
 
 @pytest.fixture(scope="session")
