@@ -33,9 +33,9 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
 import common  # noqa: E402
 import distill  # noqa: E402
+from benchmarks import measure  # noqa: E402
 
 
 def authors_fake_objective(u, t, x0, x_g, x_d, y, alpha, beta):
@@ -179,7 +179,7 @@ def parse_args(argv=None):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp, teacher_path, data_path = bench.scratch_files(args.batch_size, cond=False)
+    tmp, teacher_path, data_path = measure.scratch_files(args.batch_size, cond=False)
     flags = ["--teacher", teacher_path, "--data", data_path, "--out", tmp, "--alpha", 0.94,
              "--beta", 0.96, "--batch-size", args.batch_size, "--warmup", 0, "--workers", 0]
     dargs = distill.parse_args([str(a) for a in flags + (["--device", args.device]
@@ -206,10 +206,10 @@ def main(args):
         per_update = {"fake": [], "generator": []}
         for rep in range(args.cycles + 1):
             for i, fn in enumerate(cycle):
-                bench.sync(device)
+                measure.sync(device)
                 start = time.perf_counter()
                 fn()
-                bench.sync(device)
+                measure.sync(device)
                 if rep:  # the first cycle warms up
                     per_update["generator" if i == 5 else "fake"].append(
                         time.perf_counter() - start)
@@ -230,7 +230,7 @@ def main(args):
                                 ("ours", ours_cycle, our_backends)):
             for k, v in time_cycle(cycle, be).items():
                 times[name][k] += v
-    report = {"machine": bench.machine(), "device": str(device), "batch": args.batch_size,
+    report = {"machine": measure.machine(), "device": str(device), "batch": args.batch_size,
               "cycles": 2 * args.cycles, "authors_net": net, "gradient_max_rel_diff": grad_diff}
     for name, t in times.items():
         fake, gen = statistics.median(t["fake"]), statistics.median(t["generator"])

@@ -15,7 +15,6 @@ Prints a table and writes benchmarks/results/bench_fid_<device>.json with the ma
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,22 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid  # noqa: E402
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmarks import measure  # noqa: E402
 
 
 def build_extractors(weights, device, hub_dir):
@@ -101,25 +85,23 @@ def main(args):
             for b, batch in enumerate(batches):  # interleaved per batch, order rotated
                 for k in range(len(names)):
                     name = names[(k + b + r) % len(names)]
-                    sync(device)
+                    measure.sync(device)
                     start = time.perf_counter()
                     extractors[name](batch)
-                    sync(device)
+                    measure.sync(device)
                     times[name].append(time.perf_counter() - start)
     rows = [dict(name=name, images_per_s=args.batch_size / statistics.median(t),
                  mean_images_per_s=args.batch_size * len(t) / sum(t), batch_seconds=[round(s, 4) for s in t])
             for name, t in times.items()]
     result = dict(
-        machine=dict(cpu=cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                     torch=torch.__version__, device=str(device),
-                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                     load_average_after=os.getloadavg(), python=platform.python_version()),
+        machine=dict(measure.machine(device), device=str(device),
+                     load_average_after=os.getloadavg()),
         setup=dict(images=args.images, batch_size=args.batch_size, image_size=32, repeats=args.repeats,
                    weights="random (same file for all)" if args.weights is None else args.weights),
         results=rows)
     width = max(len(r["name"]) for r in rows)
     print(f"{args.images} uint8 32x32 images, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"{device} ({result['machine']['gpu'] or result['machine']['cpu']}), torch {torch.__version__}")
+          f"{device} ({measure.host(result['machine'])}), torch {torch.__version__}")
     print(f"{'extractor':<{width}}  img/s (median batch)  img/s (mean)")
     for r in rows:
         print(f"{r['name']:<{width}}  {r['images_per_s']:18.2f}  {r['mean_images_per_s']:12.2f}")

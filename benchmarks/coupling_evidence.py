@@ -42,7 +42,7 @@ import common  # noqa: E402
 import coupling  # noqa: E402
 import fid  # noqa: E402
 import sample  # noqa: E402
-from bench import machine  # noqa: E402
+from benchmarks import measure  # noqa: E402
 from plot import COLORS, line_chart, mosaic  # noqa: E402
 
 NET = ("--image-size 8 --num-channels 32 --channel-mult 1 --num-res-blocks 1 "
@@ -261,7 +261,7 @@ def main(args):
                              jobs))
     curves = {run_name(*j): evaluate_run(work, o, budget["steps"]) for j, o in zip(jobs, outs)}
     refs = references(work)
-    report = {"phase": args.phase, "machine": machine(), "data": DATA, "teacher": TEACHER,
+    report = {"phase": args.phase, "machine": measure.machine(), "data": DATA, "teacher": TEACHER,
               "distill": DISTILL, "budget": budget, "steps": budget["steps"],
               "settings": settings, "seeds": SEEDS, "references": refs,
               "table": summarise(curves, budget["steps"]),

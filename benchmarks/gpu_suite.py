@@ -1,9 +1,9 @@
 """The GPU benchmark: precision x torch.compile x batch in one table, in under 8 minutes.
 
-    python bench.py --suite gpu       # any CUDA device; writes benchmarks/results/gpu_<name>.json
+    python benchmarks/bench.py --suite gpu   # any CUDA device; writes benchmarks/results/gpu_<name>.json
 
 On the paper's network (unet.UNet() defaults, 35.7M parameters) with random weights and random
-uint8 data (bench.scratch_files; nothing is downloaded), for fp32, tf32, bf16 and mixed,
+uint8 data (measure.scratch_files; nothing is downloaded), for fp32, tf32, bf16 and mixed,
 eager and compiled (distill.py --compile), at batch 256 and 64, it runs distill.py's own
 updates and reports per configuration:
 - the wall time of one fake-model update, one generator update and one 5 + 1 cycle (median
@@ -50,9 +50,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import bench  # noqa: E402
 import common  # noqa: E402
 import distill  # noqa: E402
+from benchmarks import measure  # noqa: E402
 
 # --tiny: the tests' network (8x8 images, one level of 32 channels, ~180k parameters).
 TINY_NET = dict(image_size=8, num_channels=32, channel_mult=[1], num_res_blocks=1,
@@ -60,7 +60,7 @@ TINY_NET = dict(image_size=8, num_channels=32, channel_mult=[1], num_res_blocks=
 EAGER_ORDER = ["fp32", "bf16", "mixed", "tf32"]  # fp32 first: the reference and FLOP count
 COMPILED_ORDER = ["bf16", "mixed", "tf32", "fp32"]
 UPDATES = 400_000
-STATES = {"f random": None, "f near v*": 1e-3}  # fake model: eps of bench.approach_teacher
+STATES = {"f random": None, "f near v*": 1e-3}  # fake model: eps of measure.approach_teacher
 
 
 class OutOfTime(BaseException):
@@ -134,7 +134,7 @@ def estimate(config, rows, args):
     return max(r["seconds"]["setup"] for r in ok) + updates * per_update + compile_s
 
 
-def measure(config, args, files, shared):
+def measure_config(config, args, files, shared):
     """One configuration: set-up, warm-up, timings, FLOPs (first eager run of a batch size),
     memory, gradient cosines. Returns its row."""
     mode, B, precision = config
@@ -150,46 +150,46 @@ def measure(config, args, files, shared):
         torch._dynamo.reset()
         flags += ["--compile", "--compile-mode", args.compile_mode]
     start = time.perf_counter()
-    dargs, s = bench.distill_state(flags)
+    dargs, s = measure.distill_state(flags)
     device, R = s.device, args.repeats
     torch.manual_seed(1)
-    bench.fill_zero_layers(s.fake)  # a random fake model that computes something
+    measure.fill_zero_layers(s.fake)  # a random fake model that computes something
     initial = [{k: v.to("cpu", copy=True) for k, v in net.state_dict().items()}
                for net in (s.gen, s.fake)]  # on the host: not part of the peak memory
     batch = shared["batches"].setdefault(B, distill.draw(s, dargs))
-    fake_update, gen_update, cycle = bench.update_fns(s, dargs)
-    bench.sync(device)
+    fake_update, gen_update, cycle = measure.update_fns(s, dargs)
+    measure.sync(device)
     seconds = {"setup": time.perf_counter() - start}
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     cycle()  # warm-up: compilation, cuDNN autotuning, the allocator
-    bench.sync(device)
+    measure.sync(device)
     seconds["first_cycle"] = time.perf_counter() - start
-    seconds["fake_update"] = bench.timed(fake_update, device, R)
-    seconds["generator_update"] = bench.timed(gen_update, device, R)
-    seconds["cycle"] = bench.timed(cycle, device, R)
+    seconds["fake_update"] = measure.timed(fake_update, device, R)
+    seconds["generator_update"] = measure.timed(gen_update, device, R)
+    seconds["cycle"] = measure.timed(cycle, device, R)
     seconds["compile"] = max(0.0, seconds["first_cycle"] - seconds["cycle"])
     peak = common.peak_memory_mb(device)
     if B not in shared["flops"] and mode == "eager":
-        unit = bench.flops(bench.generator_forward(s, batch["z"], batch["y"]))
-        shared["flops"][B] = {"unit_forward_pass": unit, "fake_update": bench.flops(fake_update),
-                              "generator_update": bench.flops(gen_update)}
+        unit = measure.flops(measure.generator_forward(s, batch["z"], batch["y"]))
+        shared["flops"][B] = {"unit_forward_pass": unit, "fake_update": measure.flops(fake_update),
+                              "generator_update": measure.flops(gen_update)}
 
     cosines, finite = {}, True
     for state, eps in STATES.items():
         for net, sd in zip((s.gen, s.fake), initial):
             net.load_state_dict(sd)  # in place: the frozen alias of f follows
         if eps is not None:
-            bench.approach_teacher(s.fake, s.teacher, eps)
-        grads = {"generator": bench.objective_gradient(s.g, batch, s.amp)[0],
-                 "fake": bench.objective_gradient(s.f, batch, s.amp)[0]}
+            measure.approach_teacher(s.fake, s.teacher, eps)
+        grads = {"generator": measure.objective_gradient(s.g, batch, s.amp)[0],
+                 "fake": measure.objective_gradient(s.f, batch, s.amp)[0]}
         finite = finite and all(torch.isfinite(g).all() for g in grads.values())
         if (mode, precision) == ("eager", "fp32"):
             shared["reference"][B, state] = grads
         ref = shared["reference"].get((B, state))
-        cosines[state] = {k: bench.compare(g, ref[k]) if ref else None
+        cosines[state] = {k: measure.compare(g, ref[k]) if ref else None
                           for k, g in grads.items()}
 
     row = {"mode": mode, "batch": B, "precision": precision, "status": "ok",
@@ -281,18 +281,18 @@ def main(args):
         device = common.pick_device(args.device)
         if device.type != "cuda" and not args.tiny:
             print(f"note: no CUDA device, running on {device}; this suite is sized for a GPU")
-        files = bench.scratch_files(max(args.batch_sizes), cond=False,
+        files = measure.scratch_files(max(args.batch_sizes), cond=False,
                                     net_config=TINY_NET if args.tiny else None)
         n = args.matmul_size or (256 if args.tiny else 8192)
         common.configure_backends(device, "fp32")
-        matmul = {"bf16": bench.matmul_rate(device, torch.bfloat16, n),
-                  "fp32": bench.matmul_rate(device, torch.float32, n)}
+        matmul = {"bf16": measure.matmul_rate(device, torch.bfloat16, n),
+                  "fp32": measure.matmul_rate(device, torch.float32, n)}
         common.configure_backends(device, "tf32")
-        matmul["tf32"] = bench.matmul_rate(device, torch.float32, n)
+        matmul["tf32"] = measure.matmul_rate(device, torch.float32, n)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
         out = args.out or os.path.join(ROOT, "benchmarks", "results", "gpu_" + re.sub(
             r"[^A-Za-z0-9]+", "_", name).strip("_") + ("_tiny" if args.tiny else "") + ".json")
-        report = {"machine": bench.machine(device), "device": str(device), "device_name": name,
+        report = {"machine": measure.machine(device), "device": str(device), "device_name": name,
                   "network": "tiny (tests)" if args.tiny else "paper (unet.UNet() defaults)",
                   "args": vars(args), "budget_s": args.budget_s, "matmul_size": n,
                   "matmul_tflop_per_second": {k: v / 1e12 for k, v in matmul.items()},
@@ -310,7 +310,7 @@ def main(args):
                                  f" s of the budget left")
             else:
                 try:
-                    row = budget.run(lambda: measure(config, args, files, shared))
+                    row = budget.run(lambda: measure_config(config, args, files, shared))
                 except OutOfTime:
                     row["status"] = "stopped: the time budget ran out during this configuration"
                 except Exception as e:  # one failing configuration must not sink the suite

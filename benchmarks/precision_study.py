@@ -1,9 +1,9 @@
 """How precise are the two players' gradients at each --precision? Measured on a CPU.
 
-    python bench.py --suite precision --threads 1   # 6 min on a busy 2-core VM; no download
+    python benchmarks/bench.py --suite precision --threads 1   # 6 min on a busy 2-core VM
 
-(measured: teacher 156 s, RealUID 135 s, gradients 63 s; one thread per process is much
-faster than two when other processes share the two cores).
+(no download; measured: teacher 156 s, RealUID 135 s, gradients 63 s; one thread per process
+is much faster than two when other processes share the two cores).
 
 1. Builds a partly trained small run through the command lines, in a scratch folder
    (--workdir; a folder that already holds the run is reused): toy_data.py, train_teacher.py
@@ -12,7 +12,7 @@ faster than two when other processes share the two cores).
 2. On one fixed batch of 64, for each precision, sets the run up with distill.setup (generator
    and fake model from the run's checkpoint, `--init-from ... --fake-init init-from`) and
    computes the players' own objectives `s.g.run(mb)` / `s.f.run(mb)` under `s.amp` with a
-   backward (bench.objective_gradient; the optimizers are not stepped): the generator gradient
+   backward (measure.objective_gradient; the optimizers are not stepped): the generator gradient
    and the fake model's gradient, flattened.
 3. Compares bf16, mixed and, with --precisions, fp16 with fp32 (cosine similarity and
    relative error |g - g_ref| / |g_ref|), and fp32 with float64 computed the same way (the
@@ -25,7 +25,7 @@ fp16 on a CPU is opt-in (`--precisions bf16 fp16 mixed`): torch 2.14's CPU autoc
 convolutions in float16, but the weight gradient of a float16 convolution takes a slow path
 there (4.3 s for one 64-channel 3x3 convolution at batch 64, 16x16, against 0.017 s in
 float32 and 0.01 s in bf16 on a 2-core Xeon VM with AMX), and the gradient scaler's back-off
-(bench.objective_gradient) repeats the backward pass: the fp16 rows of one state did not
+(measure.objective_gradient) repeats the backward pass: the fp16 rows of one state did not
 finish in 20 minutes there. float64 convolutions are slow on CPUs too (0.6 s for that one):
 the fp64 reference takes half of the default run's gradient time.
 
@@ -50,10 +50,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import bench  # noqa: E402
 import common  # noqa: E402
 import distill  # noqa: E402
 import unet  # noqa: E402
+from benchmarks import measure  # noqa: E402
 from benchmarks.quickstart import TOY_NET  # noqa: E402
 
 REFERENCES = {"fp64": None, "fp32": "fp64", "bf16": "fp32", "fp16": "fp32", "mixed": "fp32"}
@@ -84,7 +84,7 @@ def to_float64(net):
 
 def parse_args(argv=None):
     p = common.Parser(prog="bench.py --suite precision",
-                                description=__doc__.split("\n\n")[0])
+                      description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=None,
                    help="folder of the small run (default: a new temporary folder); reused if "
                         "it already holds distill/latest.pt")
@@ -141,17 +141,17 @@ def build_run(args, work):
 def gradients(argv, precision, eps, batch):
     """Generator and fake-model gradients of the run at `precision` (fp64: see to_float64),
     with f moved towards v* by `eps` (None: as trained)."""
-    dargs, s = bench.distill_state([*argv, "--precision",
+    dargs, s = measure.distill_state([*argv, "--precision",
                                     "fp32" if precision == "fp64" else precision])
     if eps is not None:
-        bench.approach_teacher(s.fake, s.teacher, eps)
+        measure.approach_teacher(s.fake, s.teacher, eps)
     if precision == "fp64":
         for net in (s.teacher, s.gen, s.fake, s.fake_frozen):  # the alias has its own copy
             to_float64(net)
         batch = {k: v.double() if v is not None and v.is_floating_point() else v
                  for k, v in batch.items()}
-    g_gen, loss_gen, scale_gen = bench.objective_gradient(s.g, batch, s.amp)
-    g_fake, loss_fake, scale_fake = bench.objective_gradient(s.f, batch, s.amp)
+    g_gen, loss_gen, scale_gen = measure.objective_gradient(s.g, batch, s.amp)
+    g_fake, loss_fake, scale_fake = measure.objective_gradient(s.f, batch, s.amp)
     return {"generator": g_gen, "fake": g_fake, "loss_gen": loss_gen, "loss_fake": loss_fake,
             "scale": {"generator": scale_gen, "fake": scale_fake}}
 
@@ -173,7 +173,7 @@ def main(args):
         print(f"autocast on {device.type} does not run float16: no fp16 rows")
     precisions = [p for p in REFERENCES if p in ("fp64", "fp32") or p in args.precisions
                   and (p != "fp16" or fp16)]
-    dargs, s = bench.distill_state([*argv, "--precision", "fp32"])
+    dargs, s = measure.distill_state([*argv, "--precision", "fp32"])
     batch = distill.draw(s, dargs)  # the one fixed batch of every comparison
 
     start = time.perf_counter()
@@ -189,15 +189,15 @@ def main(args):
             ref = grads[REFERENCES[p]]
             rows.append({"f": "as trained" if eps is None else "v* + eps (f - v*)", "eps": eps,
                          "precision": p, "reference": REFERENCES[p],
-                         "generator": bench.compare(grads[p]["generator"], ref["generator"]),
-                         "fake": bench.compare(grads[p]["fake"], ref["fake"]),
+                         "generator": measure.compare(grads[p]["generator"], ref["generator"]),
+                         "fake": measure.compare(grads[p]["fake"], ref["fake"]),
                          "reference_norm": {k: ref[k].norm().item()
                                             for k in ("generator", "fake")},
                          "loss_gen": grads[p]["loss_gen"], "loss_fake": grads[p]["loss_fake"],
                          "fp16_loss_scale": grads[p]["scale"] if p == "fp16" else None})
     seconds["gradients"] = time.perf_counter() - start
 
-    report = {"machine": bench.machine(device), "device": str(device), "batch": args.batch_size,
+    report = {"machine": measure.machine(device), "device": str(device), "batch": args.batch_size,
               "alpha": args.alpha, "beta": args.beta, "teacher_steps": args.teacher_steps,
               "distill_steps": args.distill_steps, "run": work, "reused_run": reused,
               "network": s.cfg,

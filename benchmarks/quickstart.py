@@ -23,7 +23,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid  # noqa: E402
-from bench import machine  # noqa: E402
+from benchmarks import measure  # noqa: E402
 
 TOY_NET = ("--image-size 16 --num-channels 32 --channel-mult 1,2,2 --num-res-blocks 1 "
            "--attention-resolutions 8 --num-heads 1 --num-head-channels -1")
@@ -91,7 +91,7 @@ def main():
             sh(f"python sample.py {flags} --n {n} --seed 7 --out runs/qs_eval.npz")
             images = np.load(os.path.join(ROOT, "runs/qs_eval.npz"))["images"]
         results[name] = fid.pixel_frechet_distance(images, heldout)
-    report = {"machine": machine(), "commands": COMMANDS, "seconds": times,
+    report = {"machine": measure.machine(), "commands": COMMANDS, "seconds": times,
               "total_seconds": total, "pixel_fd_vs_heldout": results, "samples": n}
     out = os.path.join(ROOT, "benchmarks", "results", "quickstart_cpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

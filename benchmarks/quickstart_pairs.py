@@ -16,12 +16,12 @@ import sys
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quickstart import ROOT, TOY_NET, fresh, sh  # noqa: E402  (the same tiny network and runner)
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import sample  # noqa: E402
-from bench import machine  # noqa: E402
+from benchmarks import measure  # noqa: E402
+from benchmarks.quickstart import ROOT, TOY_NET, fresh, sh  # noqa: E402  (the same network, runner)
+
 # The README's image-to-image quick start, verbatim (tests/test_pipeline.py checks that the two
 # agree).
 COMMANDS = [
@@ -65,7 +65,7 @@ def main():
     total = sum(times.values())
     with open(os.path.join(ROOT, "runs/sr4_scores.json")) as f:
         scores = json.load(f)
-    report = {"machine": machine(), "commands": COMMANDS, "seconds": times,
+    report = {"machine": measure.machine(), "commands": COMMANDS, "seconds": times,
               "total_seconds": total, "scores": scores}
     out = os.path.join(ROOT, "benchmarks", "results", "quickstart_pairs_cpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

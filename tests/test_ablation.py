@@ -1,4 +1,4 @@
-"""ablation.py: its metrics against closed forms or independent computations, the 1-D analytic
+"""benchmarks/ablation.py: its metrics against closed forms or independent computations, the 1-D analytic
 picture against Lemma 2 and distill.fake_model_loss, the batched 2-D runs against single runs, and
 the quick mode end to end at CI size (--smoke) through the script's own entry point."""
 import json
@@ -11,8 +11,8 @@ import scipy.stats
 import torch
 from PIL import Image
 
-import ablation
 import distill
+from benchmarks import ablation
 from conftest import run
 
 

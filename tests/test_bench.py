@@ -1,24 +1,26 @@
-"""bench.py's suites on a CPU, and two equivalences the GPU suite relies on: a compiled update is
-the eager update, and channels-last is the default memory format, gradient for gradient.
+"""benchmarks/bench.py's suites on a CPU, and two equivalences the GPU suite relies on: a compiled
+update is the eager update, and channels-last is the default memory format, gradient for
+gradient.
 
 Inductor's C++ build takes minutes on this CPU: the suite's end-to-end run replaces torch.compile
 by the identity, and the equivalence test compiles with the "aot_eager" backend (Dynamo's
 tracing and guards, AOTAutograd's joint graph and partitioner, where a compiled backward could
 differ; only the code generation is left out).
 """
+import ast
 import functools
 import json
+import os
 import shutil
 import time
 
 import pytest
 import torch
 
-import bench
 import distill
 import train_teacher
-from benchmarks import gpu_suite, precision_study
-from conftest import FAST, TINY_NET, run
+from benchmarks import bench, gpu_suite, measure, precision_study
+from conftest import FAST, ROOT, TINY_NET, run
 
 ALL_CONFIGS = {(m, B, p) for m in ("eager", "compiled") for B in (4, 2)
                for p in ("fp32", "tf32", "bf16", "mixed")}
@@ -117,18 +119,18 @@ def test_gpu_suite_budget(tmp_path, monkeypatch):
 def tiny_run(tmp_path, *flags):
     """distill.py's state on a tiny random teacher, with a random fake model that computes
     something, and one fixed batch."""
-    tmp, teacher, data = bench.scratch_files(8, cond=False, net_config=gpu_suite.TINY_NET,
-                                             folder=tmp_path)
-    dargs, s = bench.distill_state(["--teacher", teacher, "--data", data, "--out", tmp,
-                                    "--alpha", 0.94, "--beta", 0.96, "--batch-size", 8,
-                                    "--device", "cpu", "--workers", 0, *flags])
+    tmp, teacher, data = measure.scratch_files(8, cond=False, net_config=gpu_suite.TINY_NET,
+                                               folder=tmp_path)
+    dargs, s = measure.distill_state(["--teacher", teacher, "--data", data, "--out", tmp,
+                                      "--alpha", 0.94, "--beta", 0.96, "--batch-size", 8,
+                                      "--device", "cpu", "--workers", 0, *flags])
     torch.manual_seed(1)
-    bench.fill_zero_layers(s.fake)
+    measure.fill_zero_layers(s.fake)
     return s, distill.draw(s, dargs)
 
 
 def gradients(s, batch):
-    return [bench.objective_gradient(p, batch, s.amp)[0] for p in (s.g, s.f)]
+    return [measure.objective_gradient(p, batch, s.amp)[0] for p in (s.g, s.f)]
 
 
 @pytest.mark.parametrize("flags", [["--compile"], ["--channels-last"]],
@@ -145,13 +147,13 @@ def test_same_update_as_the_default(tmp_path, monkeypatch, one_thread, flags):
     for name, g, g_t in zip(("generator", "fake model"), gradients(s, batch),
                             gradients(t, batch_t)):
         assert g.norm() > 0
-        assert bench.compare(g_t, g)["rel_err"] < 1e-5, name
+        assert measure.compare(g_t, g)["rel_err"] < 1e-5, name
 
 
 def test_approach_teacher_and_float64(tmp_path, one_thread):
     s, batch = tiny_run(tmp_path)
     f0 = {k: v.clone() for k, v in s.fake.state_dict().items()}
-    bench.approach_teacher(s.fake, s.teacher, 1e-3)
+    measure.approach_teacher(s.fake, s.teacher, 1e-3)
     for k, v in s.fake.state_dict().items():
         t = s.teacher.state_dict()[k]
         assert torch.allclose(v, t + 1e-3 * (f0[k] - t), atol=1e-7)
@@ -191,3 +193,99 @@ def test_precision_suite_on_a_tiny_run(tmp_path, tiny_data, one_thread):
     near, trained = rows[1e-3, "bf16"]["generator"], rows[None, "bf16"]["generator"]
     assert near["rel_err"] > 5 * trained["rel_err"]
     assert rows[1e-3, "mixed"]["generator"]["rel_err"] < near["rel_err"] / 5
+
+
+# --- imports -------------------------------------------------------------------------------------
+
+def import_graph(root):
+    """The repository's modules (top-level scripts `name`, benchmarks `benchmarks.name`, tests
+    `tests.name`) and, for each, the repository modules it imports anywhere in its code:
+    `import x`, `from x import y`, `from benchmarks import y` (a module when benchmarks/y.py
+    exists) and importlib.import_module / __import__ of a string literal; a file that calls
+    them with a computed name imports every module that a string literal names. A benchmark's
+    bare `import y` may also mean benchmarks/y.py (its folder is sys.path[0] when it runs)."""
+    files = {}
+    for folder, prefix in (("", ""), ("benchmarks", "benchmarks."), ("tests", "tests.")):
+        for name in sorted(os.listdir(os.path.join(root, folder) or root)):
+            if name.endswith(".py"):
+                files[prefix + name[:-3]] = os.path.join(root, folder, name)
+    top = {m for m in files if "." not in m} | {"conftest"}
+
+    def resolve(name, importer):
+        if name in files:
+            return name
+        head = name.split(".")[0]
+        if head in top:
+            return "tests.conftest" if head == "conftest" else head
+        if importer.startswith("benchmarks.") and "benchmarks." + head in files:
+            return "benchmarks." + head
+        return None
+
+    graph = {}
+    for module, path in files.items():
+        names, strings, computed = [], [], False
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names += [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            elif isinstance(node, ast.Call) and node.args and getattr(
+                    node.func, "attr", getattr(node.func, "id", None)) in ("import_module",
+                                                                          "__import__"):
+                if isinstance(node.args[0], ast.Constant):
+                    names.append(node.args[0].value)
+                else:
+                    computed = True
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                strings.append(node.value)
+        names += [n for n in strings if n in files] if computed else []
+        graph[module] = {t for t in (resolve(n, module) for n in names) if t and t != module}
+    return graph
+
+
+def import_cycles(graph):
+    """The strongly connected components with more than one module (Tarjan's algorithm): every
+    set of modules that import each other, directly or through others."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_import_cycles_are_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": set()}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_benchmark_or_plot_in_an_import_cycle():
+    """benchmarks/*.py share benchmarks/measure.py, which imports no benchmark; bench.py imports
+    its suites, which do not import it back; plot.py imports no benchmark."""
+    graph = import_graph(ROOT)
+    assert "benchmarks.measure" in graph["benchmarks.gpu_suite"]
+    assert "benchmarks.gpu_suite" in graph["benchmarks.bench"]
+    assert not any(m.startswith("benchmarks.") for m in graph["benchmarks.measure"])
+    ours = [c for c in import_cycles(graph)
+            if any(m.startswith("benchmarks.") or m == "plot" for m in c)]
+    assert ours == []

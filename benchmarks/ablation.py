@@ -8,9 +8,9 @@ tests those claims at a size that runs in minutes, with the very losses of disti
 (`distill.generate`, `distill.fake_model_loss`, `distill.generator_loss`) and the teachers'
 `train_teacher.flow_matching_loss`:
 
-    python ablation.py --quick --out results/ablation    # < 10 min on 2 CPU cores (README)
-    python ablation.py --full --out results/ablation_full  # the whole grid, hours (not run yet)
-    python ablation.py --quick --problems analytic         # only the closed-form figure, seconds
+    python benchmarks/ablation.py --quick --out results/ablation   # < 10 min on 2 CPU cores
+    python benchmarks/ablation.py --full --out results/ablation_full  # hours (not run yet)
+    python benchmarks/ablation.py --quick --problems analytic  # the closed-form figure, seconds
 
 What it does (every number goes to <out>/ablation.json, the tables to <out>/ablation.md, the
 figures to <out>/*.png; the README's ablation section discusses them):
@@ -46,6 +46,7 @@ import math
 import multiprocessing
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -53,13 +54,16 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-import common
-import distill
-import fid
-import sample
-import train_teacher
-import unet
-from plot import COLORS, FONT, line_chart, mosaic
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import distill  # noqa: E402
+import fid  # noqa: E402
+import sample  # noqa: E402
+import train_teacher  # noqa: E402
+import unet  # noqa: E402
+from benchmarks import measure  # noqa: E402
+from plot import COLORS, FONT, line_chart, mosaic  # noqa: E402
 
 GRID = (0.94, 0.96, 0.98, 1.0)
 FULL_SETTINGS = [(a, b) for a in GRID for b in GRID] + [(0.9, 0.9)]
@@ -843,16 +847,6 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def machine():
-    cpu = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg()}
-
-
 def plan(args):
     """Budgets, settings and scenarios of the chosen mode."""
     budgets = SMOKE if args.mode == "smoke" else {"ring": RING, "shapes": SHAPES}
@@ -871,9 +865,11 @@ def main(args):
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     budgets, settings, scenarios = plan(args)
-    report = {"mode": args.mode, "seeds": args.seeds, "machine": machine(),
+    host = dict(measure.machine(), platform=platform.platform(),
+                load_average_at_start=os.getloadavg())
+    report = {"mode": args.mode, "seeds": args.seeds, "machine": host,
               "args": common.json_safe(vars(args)), "stages": {}, "problems": {}}
-    md = [f"<!-- written by ablation.py --{args.mode}; do not edit by hand -->"]
+    md = [f"<!-- written by benchmarks/ablation.py --{args.mode}; do not edit by hand -->"]
 
     if "analytic" in args.problems:
         t0 = time.perf_counter()
