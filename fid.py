@@ -38,14 +38,13 @@ Preprocessing (`--mode`), same network either way:
 
 Statistics files are .npz with `mu`, `sigma` (plus `mode`, `n`, `weights` when written here);
 files from pytorch-fid and clean-fid (e.g. cifar10_legacy_tensorflow_train_32.npz) are read too.
-Training scripts import InceptionFeatures (build it once per run), feature_stats,
-frechet_distance and load_stats.
+Training runs score their model every --fid-every steps with InTrainingFID (the Inception
+network is built once per run); eval_pairs.py scores image-to-image models.
 """
 
-import argparse
+import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import contextlib
 import hashlib
-import json
 import math
 import os
 import sys
@@ -59,16 +58,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from torchvision.models.inception import (BasicConv2d, InceptionA, InceptionB, InceptionC,
+                                          InceptionD, InceptionE)
 
 import common
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               + WEIGHTS_NAME)
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carries its hash prefix
 MODES = ("tf", "pytorch-fid")
 FEATURE_DIM = 2048
-IMAGE_EXTENSIONS = common.IMAGE_SUFFIXES
 
 
 class FIDError(common.RealUIDError, ValueError):
@@ -85,7 +85,8 @@ class FIDInceptionA(InceptionA):
         branch1x1 = self.branch1x1(x)
         branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
         branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1,
+                                                    count_include_pad=False))
         return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
 
 
@@ -96,14 +97,17 @@ class FIDInceptionC(InceptionC):
         branch1x1 = self.branch1x1(x)
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         branch7x7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
             branch7x7dbl = conv(branch7x7dbl)
-        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1,
+                                                    count_include_pad=False))
         return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
 
 
 class FIDInceptionE(InceptionE):
-    """Mixed_7b (pool="avg", valid pixels only) and Mixed_7c (pool="max", as in the TF graph)."""
+    """Mixed_7b (pool="avg", valid pixels only) and Mixed_7c (pool="max", as in the TF
+    graph)."""
 
     def __init__(self, in_channels, pool):
         super().__init__(in_channels)
@@ -114,7 +118,8 @@ class FIDInceptionE(InceptionE):
         branch3x3 = self.branch3x3_1(x)
         branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl),
+                                  self.branch3x3dbl_3b(branch3x3dbl)], 1)
         if self.pool == "avg":
             pooled = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         else:
@@ -168,7 +173,8 @@ def resize_bilinear_tf1(x, size=299):
     top + (bottom - top) * dy with top = left + (right - left) * dx."""
 
     def taps(n_in):
-        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n_in / size, dtype=torch.float32)
+        src = (torch.arange(size, dtype=torch.float32)
+               * torch.tensor(n_in / size, dtype=torch.float32))
         lo = src.floor().long()
         hi = (lo + 1).clamp(max=n_in - 1)
         return lo.to(x.device), hi.to(x.device), (src - lo.float()).to(x.device, x.dtype)
@@ -203,7 +209,8 @@ def random_inception_state_dict(seed=0):
     net = FIDInceptionV3()
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight[0].numel())
+            m.weight.data = (torch.randn(m.weight.shape, generator=g)
+                             * math.sqrt(2 / m.weight[0].numel()))
         elif isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=g)
             m.bias.data = 0.2 * torch.randn(m.bias.shape, generator=g)
@@ -231,12 +238,14 @@ def _resolve_weights(path):
     """(path, sha256) of the weights file; see resolve_weights."""
     if path is not None:
         if not os.path.isfile(path):
-            raise FIDError(f"weights file {path} not found; pass the path of {WEIGHTS_NAME} to --weights")
+            raise FIDError(f"weights file {path} not found; pass the path of {WEIGHTS_NAME} "
+                           "to --weights")
         sha = sha256_file(path)
         if not sha.startswith(WEIGHTS_SHA256_PREFIX):
             warnings.warn(
-                f"{path} has SHA-256 {sha[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: it is not the standard FID "
-                "Inception file, so scores computed with it are not comparable with published FIDs",
+                f"{path} has SHA-256 {sha[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: it is not the "
+                "standard FID Inception file, so scores computed with it are not comparable with "
+                "published FIDs",
                 stacklevel=3)
         return path, sha
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
@@ -249,12 +258,14 @@ def _resolve_weights(path):
         except Exception as e:  # no network, proxy, HTTP error: all end the same way
             if os.path.exists(partial):
                 os.remove(partial)
-            raise FIDError(f"could not download {WEIGHTS_URL} ({e}); download it by hand and pass --weights PATH")
+            raise FIDError(f"could not download {WEIGHTS_URL} ({e}); download it by hand and "
+                           "pass --weights PATH")
         sha = sha256_file(partial)
         if not sha.startswith(WEIGHTS_SHA256_PREFIX):
             os.remove(partial)
-            raise FIDError(f"downloaded {WEIGHTS_NAME} has SHA-256 {sha[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...; "
-                           "refusing it (retry, or download it by hand and pass --weights PATH)")
+            raise FIDError(f"downloaded {WEIGHTS_NAME} has SHA-256 {sha[:8]}..., expected "
+                           f"{WEIGHTS_SHA256_PREFIX}...; refusing it (retry, or download it by "
+                           "hand and pass --weights PATH)")
         os.replace(partial, cached)
         return cached, sha
     sha = sha256_file(cached)
@@ -293,8 +304,9 @@ class InceptionFeatures(nn.Module):
             self.net.load_state_dict(state, strict=True, assign=True)
         except Exception as e:  # unpickling errors, missing/unexpected keys, wrong shapes
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FIDError(f"{self.weights_path} is not an FID Inception state dict with torchvision key names "
-                           f"({first_line}); pass {WEIGHTS_NAME} to --weights")
+            raise FIDError(f"{self.weights_path} is not an FID Inception state dict with "
+                           f"torchvision key names ({first_line}); pass {WEIGHTS_NAME} to "
+                           "--weights")
         self.requires_grad_(False)
         self.train(False)
         self.to(device)
@@ -310,12 +322,17 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3):
-            got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
-            raise FIDError(f"InceptionFeatures expects uint8 images [B, 3, H, W], got {got}; quantise "
-                           "with (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)")
-        device_type = self.device.type  # float32 features even when called inside an autocast region
-        no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+        if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4
+                and images.shape[1] == 3):
+            got = (f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images)
+                   else type(images).__name__)
+            raise FIDError(f"InceptionFeatures expects uint8 images [B, 3, H, W], got {got}; "
+                           "quantise with "
+                           "(x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)")
+        # float32 features even when called inside an autocast region
+        device_type = self.device.type
+        no_autocast = (torch.autocast(device_type, enabled=False)
+                       if torch.amp.is_autocast_available(device_type)
                        else contextlib.nullcontext())
         with no_autocast:
             return self.net(preprocess(images.to(self.device), self.mode))
@@ -333,7 +350,8 @@ def feature_stats(batches, extractor, progress=False, total=None):
     next_fraction = 0.1
     for images in batches:
         feats = extractor(images)
-        keep_on = feats.device if feats.device.type in ("cpu", "cuda") else torch.device("cpu")  # mps: no float64
+        # mps: no float64
+        keep_on = feats.device if feats.device.type in ("cpu", "cuda") else torch.device("cpu")
         feats = feats.to(keep_on, torch.float64)
         if shift is None:
             shift = feats.mean(0)
@@ -349,14 +367,15 @@ def feature_stats(batches, extractor, progress=False, total=None):
             rate = n / max(now - start, 1e-9)
             if total:
                 eta = (total - n) / rate
-                print(f"fid.py: {n}/{total} images ({100 * fraction:.0f}%), {rate:.1f} img/s, ETA {eta:.0f} s",
-                      file=sys.stderr)
+                print(f"fid.py: {n}/{total} images ({100 * fraction:.0f}%), {rate:.1f} img/s, "
+                      f"ETA {eta:.0f} s", file=sys.stderr)
                 next_fraction = math.floor(fraction * 10 + 1) / 10
             else:
                 print(f"fid.py: {n} images, {rate:.1f} img/s", file=sys.stderr)
             last_print = now
     if n < 2:
-        raise FIDError(f"got {n} image(s); a covariance needs at least 2 (the paper's protocol uses 50,000)")
+        raise FIDError(f"got {n} image(s); a covariance needs at least 2 (the paper's protocol "
+                       "uses 50,000)")
     mean = s1 / n
     mu = (shift + mean).cpu().numpy()
     sigma = ((s2 - n * torch.outer(mean, mean)) / (n - 1)).cpu().numpy()
@@ -378,8 +397,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise FIDError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}; "
-                       "both statistics must come from the same feature layer")
+        raise FIDError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                       f"{sigma2.shape}; both statistics must come from the same feature layer")
     for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(a).all():
             raise FIDError(f"{name} has NaN or inf entries; recompute the statistics")
@@ -446,7 +465,8 @@ def _open_npz(path):
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise FIDError(f"cannot read {path} as an .npz file ({e}); write it with numpy.savez")
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise FIDError(f"{path} holds a single .npy array, not an .npz archive; write it with numpy.savez")
+        raise FIDError(f"{path} holds a single .npy array, not an .npz archive; write it with "
+                       "numpy.savez")
     return f
 
 
@@ -457,15 +477,16 @@ def load_stats(path):
         raise FIDError(f"statistics file {path} not found; create it with `python fid.py ref`")
     with _open_npz(path) as f:
         if "mu" not in f.files or "sigma" not in f.files:
-            raise FIDError(f"{path} has keys {f.files}, not the 'mu' and 'sigma' of a statistics file; "
-                           "create one with `python fid.py ref`")
+            raise FIDError(f"{path} has keys {f.files}, not the 'mu' and 'sigma' of a statistics "
+                           "file; create one with `python fid.py ref`")
         stats = dict(mu=f["mu"].astype(np.float64), sigma=f["sigma"].astype(np.float64),
                      mode=str(f["mode"]) if "mode" in f.files else None,
                      n=int(f["n"]) if "n" in f.files else None,
                      weights=str(f["weights"]) if "weights" in f.files else None)
     d = stats["mu"].shape[0] if stats["mu"].ndim == 1 else -1
     if d < 1 or stats["sigma"].shape != (d, d):
-        raise FIDError(f"{path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} do not fit together")
+        raise FIDError(f"{path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} do not "
+                       "fit together")
     return stats
 
 
@@ -479,15 +500,16 @@ def is_stats_file(path):
 def check_compatible(stats, path, mode, weights_sha256=None):
     """Refuse statistics computed in another mode (or with other weights); warn when unknown."""
     if stats["mode"] is None:
-        warnings.warn(f"{path} does not record its preprocessing mode (pytorch-fid / clean-fid file?); "
-                      f"assuming --mode {mode}. clean-fid legacy_tensorflow and TTUR files are 'tf', "
-                      "pytorch-fid files are 'pytorch-fid'", stacklevel=2)
+        warnings.warn(f"{path} does not record its preprocessing mode (pytorch-fid / clean-fid "
+                      f"file?); assuming --mode {mode}. clean-fid legacy_tensorflow and TTUR files "
+                      "are 'tf', pytorch-fid files are 'pytorch-fid'", stacklevel=2)
     elif stats["mode"] != mode:
-        raise FIDError(f"{path} was computed with --mode {stats['mode']}, these features with --mode {mode}; "
-                       f"FIDs across modes are meaningless: rerun with --mode {stats['mode']} or recompute {path}")
+        raise FIDError(f"{path} was computed with --mode {stats['mode']}, these features with "
+                       f"--mode {mode}; FIDs across modes are meaningless: rerun with --mode "
+                       f"{stats['mode']} or recompute {path}")
     if weights_sha256 and stats["weights"] and stats["weights"] != weights_sha256:
-        raise FIDError(f"{path} was computed with Inception weights {stats['weights'][:8]}..., these with "
-                       f"{weights_sha256[:8]}...; use the same --weights for both")
+        raise FIDError(f"{path} was computed with Inception weights {stats['weights'][:8]}..., "
+                       f"these with {weights_sha256[:8]}...; use the same --weights for both")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,29 +529,35 @@ def load_images(source, data_root="./data", workers=8):
         try:
             images = CIFAR10(data_root, train=True, download=True).data
         except Exception as e:
-            raise FIDError(f"could not load CIFAR-10 from {data_root} ({e}); put cifar-10-python.tar.gz there "
-                           "or pass --data-root")
+            raise FIDError(f"could not load CIFAR-10 from {data_root} ({e}); put "
+                           "cifar-10-python.tar.gz there or pass --data-root")
     elif os.path.isdir(source):
-        files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if f.lower().endswith(common.IMAGE_SUFFIXES))
         if not files:
-            raise FIDError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images in folder {source}")
+            raise FIDError(f"no {'/'.join(e[1:] for e in common.IMAGE_SUFFIXES)} images in folder "
+                           f"{source}")
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL
             arrays = list(pool.map(_read_image, files))
         sizes = sorted({a.shape for a in arrays})
         if len(sizes) > 1:
-            raise FIDError(f"images in {source} have different sizes {sizes[:3]}; resize them to one size first")
+            raise FIDError(f"images in {source} have different sizes {sizes[:3]}; resize them to "
+                           "one size first")
         images = np.stack(arrays)
     elif source.endswith(".npz") and os.path.isfile(source):
         with _open_npz(source) as f:
-            keys = [k for k in ("images", "arr_0") if k in f.files] or (f.files if len(f.files) == 1 else [])
+            keys = ([k for k in ("images", "arr_0") if k in f.files]
+                    or (f.files if len(f.files) == 1 else []))
             if not keys:
-                raise FIDError(f"{source} has keys {f.files}; store the images under 'images' (uint8 [N, H, W, 3])")
+                raise FIDError(f"{source} has keys {f.files}; store the images under 'images' "
+                               "(uint8 [N, H, W, 3])")
             images = f[keys[0]]
     else:
         raise FIDError(f"{source} is not 'cifar10', an image folder or an existing .npz file")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise FIDError(f"{source}: expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}; "
-                       "quantise with (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8) and use NHWC")
+        raise FIDError(f"{source}: expected uint8 images [N, H, W, 3], got {images.dtype} "
+                       f"{images.shape}; quantise with "
+                       "(x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8) and use NHWC")
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
@@ -541,84 +569,108 @@ def iter_batches(images, batch_size):
 
 def check_source(source):
     """Fail early (before any weights download) on an image source that cannot be read."""
-    if source == "cifar10" or os.path.isdir(source) or (source.endswith(".npz") and os.path.isfile(source)):
+    if (source == "cifar10" or os.path.isdir(source)
+            or (source.endswith(".npz") and os.path.isfile(source))):
         return
     raise FIDError(f"{source} is not 'cifar10', an image folder or an existing .npz file")
+
+
+class InTrainingFID:
+    """FID of a model every N steps of a training run on `n` samples: the Inception network and
+    the reference statistics are loaded once per run; the latents and labels are the same at
+    every evaluation (balanced labels arange(n) % classes), so that scores are comparable
+    across steps. Cheap and labelled as such; final numbers come from `fid.py calc`."""
+
+    def __init__(self, ref, weights, mode, device, shape, num_classes, n=10_000, batch=250):
+        if not ref:
+            raise FIDError("--fid-every needs --fid-ref, statistics from `python fid.py ref`")
+        self.ref = load_stats(ref)
+        self.extractor = InceptionFeatures(weights, mode, device)
+        check_compatible(self.ref, ref, self.extractor.mode, self.extractor.weights_sha256)
+        self.device, self.shape, self.num_classes = device, shape, num_classes
+        self.n, self.batch = n, batch
+
+    @torch.no_grad()
+    def __call__(self, sample):
+        """FID of sample(z, y) -> images in [-1, 1] against the reference statistics."""
+        gen = torch.Generator().manual_seed(1234)
+
+        def batches():
+            for lo in range(0, self.n, self.batch):
+                m = min(self.batch, self.n - lo)
+                z = torch.randn(m, *self.shape, generator=gen).to(self.device)
+                y = None if self.num_classes is None else \
+                    (torch.arange(lo, lo + m) % self.num_classes).to(self.device)
+                x = common.to_uint8(sample(z, y).float())
+                yield x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # gray -> RGB
+        mu, sigma, _ = feature_stats(batches(), self.extractor)
+        return frechet_distance(mu, sigma, self.ref["mu"], self.ref["sigma"])
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-def parse_args(argv=None):
-    shared = argparse.ArgumentParser(add_help=False)
-    g = shared.add_argument_group("feature extraction")
+def add_feature_args(parser):
+    """The flags of Inception feature extraction (shared with eval_pairs.py)."""
+    g = parser.add_argument_group("feature extraction")
     g.add_argument("--mode", choices=MODES, default="tf",
-                   help="preprocessing: 'tf' = TensorFlow FID as in the paper (clean-fid legacy_tensorflow, "
-                        "TTUR, torch-fidelity); 'pytorch-fid' = pytorch-fid's resize (default: tf)")
+                   help="preprocessing: 'tf' = TensorFlow FID as in the paper (clean-fid "
+                        "legacy_tensorflow, TTUR, torch-fidelity); 'pytorch-fid' = pytorch-fid's "
+                        "resize")
     g.add_argument("--weights", default=None, metavar="PATH",
-                   help=f"local {WEIGHTS_NAME}; default: the torch hub cache, downloaded there once if absent")
+                   help=f"local {WEIGHTS_NAME}; default: the torch hub cache, downloaded there "
+                        "once if absent")
     g.add_argument("--batch-size", type=common.positive_int, default=100,
-                   help="images per Inception forward (default: 100)")
+                   help="images per Inception forward")
     g.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else npu, else mps, else cpu)")
     g.add_argument("--workers", type=common.positive_int, default=8,
-                   help="threads decoding image folders (default: 8)")
+                   help="threads decoding image folders")
+    common.add_threads_arg(g)
+    return g
 
-    parser = common.Parser(description="FID with the TensorFlow protocol (see the module docstring).",
-                           formatter_class=argparse.HelpFormatter)
+
+def build_parser():
+    parser = common.Parser(description="FID with the TensorFlow protocol (see the module "
+                                       "docstring).")
     sub = parser.add_subparsers(dest="command", required=True)
-    ref = sub.add_parser("ref", parents=[shared], help="compute reference statistics (mu, sigma) of a data set")
+    ref = sub.add_parser("ref", help="compute reference statistics (mu, sigma) of a data set")
+    add_feature_args(ref)
     ref.add_argument("--data", required=True,
-                     help="'cifar10' (the 50,000 training images, via torchvision), an image folder, "
-                          "or an .npz of uint8 [N, H, W, 3] images")
-    ref.add_argument("--data-root", default="./data", help="where torchvision keeps CIFAR-10 (default: ./data)")
-    ref.add_argument("--out", required=True, help="statistics file to write, e.g. cifar10_train_tf.npz")
-    calc = sub.add_parser("calc", parents=[shared], help="FID of sample sets against reference statistics")
+                     help="'cifar10' (the 50,000 training images, via torchvision), an image "
+                          "folder, or an .npz of uint8 [N, H, W, 3] images")
+    ref.add_argument("--data-root", default="./data", help="where torchvision keeps CIFAR-10")
+    ref.add_argument("--out", required=True,
+                     help="statistics file to write, e.g. cifar10_train_tf.npz")
+    calc = sub.add_parser("calc", help="FID of sample sets against reference statistics")
+    add_feature_args(calc)
     calc.add_argument("samples", nargs="+",
-                      help="sample sets: .npz of uint8 [N, H, W, 3] (as sample.py writes), image folders, "
-                           "or statistics .npz files; the paper averages 3 sets of 50,000")
+                      help="sample sets: .npz of uint8 [N, H, W, 3] (as sample.py writes), image "
+                           "folders, or statistics .npz files; the paper averages 3 sets of 50,000")
     calc.add_argument("--ref", required=True,
-                      help="reference statistics from `fid.py ref` (pytorch-fid / clean-fid files also work)")
-    pairs = sub.add_parser("pairs", parents=[shared],
-                           help="score an image-to-image checkpoint on held-out pairs (PSNR, pixel FD, FID)")
-    pairs.add_argument("--ckpt", required=True,
-                       help="a distilled image-to-image generator (or a teacher) checkpoint")
-    pairs.add_argument("--data", required=True,
-                       help="held-out clean images (.npz, folder, cifar10) that the checkpoint's task corrupts, "
-                            "or a held-out pairs .npz (`source`, `images`)")
-    pairs.add_argument("--data-root", default="./data", help="where cifar10 is downloaded")
-    pairs.add_argument("--teacher", default=None,
-                       help="the teacher to compare with (default: the one recorded in --ckpt's run)")
-    pairs.add_argument("--teacher-ema", type=common.decay_or_none, default=None,
-                       help="its EMA (default: the run's --teacher-ema, or the file's first EMA)")
-    pairs.add_argument("--ema", type=common.decay_or_none, default=None,
-                       help="the generator's EMA to score beside its raw weights (default: its first)")
-    pairs.add_argument("--n", type=common.positive_int, default=2048,
-                       help="held-out pairs to score (the first n of --data)")
-    pairs.add_argument("--nfe", type=common.positive_int, default=100, help="Euler steps of the teacher")
-    pairs.add_argument("--seed", type=common.count, default=0, help="noise of output i: (seed, i)")
-    pairs.add_argument("--out", default=None, help="also write the table as JSON to this file")
-    return parser.parse_args(argv)
+                      help="reference statistics from `fid.py ref` (pytorch-fid / clean-fid files "
+                           "also work)")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def _stats_of_images(source, extractor, args):
     images = load_images(source, getattr(args, "data_root", "./data"), args.workers)
-    print(f"fid.py: {source}: {len(images)} images {images.shape[1]}x{images.shape[2]}, mode {args.mode}, "
-          f"device {extractor.device}", file=sys.stderr)
+    print(f"fid.py: {source}: {len(images)} images {images.shape[1]}x{images.shape[2]}, "
+          f"mode {args.mode}, device {extractor.device}", file=sys.stderr)
     if len(images) <= FEATURE_DIM:
-        print(f"fid.py: warning: {source} has {len(images)} images, not more than {FEATURE_DIM}: the covariance is "
-              "singular and the FID strongly biased; use 50,000 to compare with published numbers", file=sys.stderr)
-    return feature_stats(iter_batches(images, args.batch_size), extractor, progress=True, total=len(images))
+        print(f"fid.py: warning: {source} has {len(images)} images, not more than {FEATURE_DIM}: "
+              "the covariance is singular and the FID strongly biased; use 50,000 to compare with "
+              "published numbers", file=sys.stderr)
+    return feature_stats(iter_batches(images, args.batch_size), extractor, progress=True,
+                         total=len(images))
 
 
 def main(args):
-    device = args.device or common.pick_device().type
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise FIDError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); pick another --device")
-    if args.command == "pairs":
-        return score_pairs(args, device)
+    device = common.pick_device(args.device).type
     for source in ([args.data] if args.command == "ref" else args.samples):
         check_source(source)
     extractor = None
@@ -649,80 +701,11 @@ def main(args):
         else:
             mu, sigma, n = _stats_of_images(source, get_extractor(), args)
         scores.append(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
-        print(f"{source}: FID {scores[-1]:.4f} (n={n}, mode={args.mode}, ref n={ref['n'] or 'unknown'})")
+        print(f"{source}: FID {scores[-1]:.4f} (n={n}, mode={args.mode}, "
+              f"ref n={ref['n'] or 'unknown'})")
     if len(scores) > 1:
         print(f"mean FID {np.mean(scores):.4f} +- {np.std(scores, ddof=1):.4f} "
               f"(std over {len(scores)} sets, ddof=1)")
-
-
-def score_pairs(args, device):
-    """`fid.py pairs`: an image-to-image checkpoint on held-out pairs, next to the source itself,
-    the one-step start x0 + v*(0, x0, s) and the teacher with --nfe Euler steps (Appendix C):
-    PSNR to the true target (rewards the posterior mean), pixel-space Frechet distance to the
-    held-out targets (rewards realistic, diverse outputs) and, when the Inception weights are
-    here (--weights or the torch hub cache; never downloaded), the FID of the outputs against
-    the held-out targets. Every model translates the same sources with the same noise."""
-    import coupling  # the scripts' code; fid.py's other commands need none of it
-    import sample
-    import unet
-    model = sample.load_model(args.ckpt, "first" if args.ema is None else args.ema, unet.PAPER_CONFIG)
-    if not model.coupling:
-        raise FIDError(f"{args.ckpt} is a noise-to-image model; `fid.py pairs` scores image-to-image "
-                       "checkpoints (use `fid.py calc` on its samples)")
-    run_args = model.ckpt.get("config", {}).get("args", {})
-    teacher_path = args.teacher or (args.ckpt if model.kind == "teacher" else run_args.get("teacher"))
-    if not teacher_path:
-        raise FIDError(f"{args.ckpt} does not record its teacher; pass --teacher")
-    teacher_ema = args.teacher_ema if args.teacher_ema is not None else run_args.get("teacher_ema", "first")
-    teacher = sample.load_model(teacher_path, teacher_ema, unet.PAPER_CONFIG)
-    net_cfg = model.net.config
-    shape = (net_cfg["in_channels"], net_cfg["image_size"], net_cfg["image_size"])
-    src, targets, labels = sample.held_out_pairs(args.data, model.coupling, shape, args.n, args.seed,
-                                                 args.data_root)
-    if net_cfg["num_classes"] is None:
-        labels = None
-    elif labels is None:
-        raise FIDError(f"{args.ckpt} is class conditional: --data needs labels")
-    amp = contextlib.nullcontext()
-    rows = {"source itself": src}
-    for m in (teacher, model):
-        m.net.to(device).eval()
-    translate = lambda m, nfe: sample.translate(m, src, labels, 1, args.seed, args.batch_size,  # noqa: E731
-                                                device, amp, nfe)
-    rows["one-step start x0 + v*(0, x0, s)"] = translate(teacher, 1)
-    rows[f"teacher, {args.nfe} Euler steps"] = translate(teacher, args.nfe)
-    if model.kind == "distilled":
-        rows[f"one-step generator, EMA {model.ema}" if model.ema else "one-step generator"] = translate(model, 1)
-        if model.ema is not None:
-            raw = sample.load_model(args.ckpt, None, unet.PAPER_CONFIG)
-            raw.net.to(device).eval()
-            rows["one-step generator, raw weights"] = translate(raw, 1)
-    weights = local_weights(args.weights)
-    extractor = InceptionFeatures(weights, args.mode, device) if weights else None
-    if extractor is not None:
-        ref_mu, ref_sigma, _ = feature_stats(iter_batches(targets.permute(0, 2, 3, 1).numpy(), args.batch_size),
-                                             extractor)
-    table = {}
-    for name, out in rows.items():
-        table[name] = {"psnr_db": coupling.psnr(out, targets),
-                       "pixel_fd": float(pixel_frechet_distance(out, targets))}
-        if extractor is not None:
-            mu, sigma, _ = feature_stats(iter_batches(out.permute(0, 2, 3, 1).numpy(), args.batch_size), extractor)
-            table[name]["fid"] = float(frechet_distance(mu, sigma, ref_mu, ref_sigma))
-    task = model.coupling["task"] or "pairs file"
-    print(f"{args.ckpt}: {task} on the {model.coupling['path']} path, {len(src)} held-out pairs of {args.data}"
-          + ("" if extractor else "; no Inception weights here, so no FID (pass --weights)"))
-    print("| model | PSNR to target (dB) | pixel FD to targets |" + (" FID |" if extractor else ""))
-    print("|---|---|---|" + ("---|" if extractor else ""))
-    for name, r in table.items():
-        print(f"| {name} | {r['psnr_db']:.2f} | {r['pixel_fd']:.3f} |" + (f" {r['fid']:.2f} |" if extractor else ""))
-    if args.out:
-        report = {"ckpt": args.ckpt, "teacher": teacher_path, "data": args.data, "n": len(src), "nfe": args.nfe,
-                  "coupling": model.coupling, "seed": args.seed, "fid_weights": weights, "scores": table}
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
-    return table
 
 
 if __name__ == "__main__":
