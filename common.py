@@ -11,24 +11,21 @@ Nothing here is paper mathematics; the objectives live in the stage scripts
   gradient accumulation see identical noise and data (this is what makes them comparable).
 """
 import argparse
-import atexit
 import contextlib
-import datetime
 import hashlib
 import json
 import math
 import os
+import re
 import resource
 import signal
 import sys
 import threading
-import time
 import warnings
-import weakref
+import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import unet
 
@@ -71,7 +68,9 @@ def cli(main, parse_args):
         # background job inherits that): an interrupt must work the same way in every phase
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        main(parse_args())
+        args = parse_args()
+        set_threads(getattr(args, "threads", None))
+        main(args)
     except RealUIDError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -83,6 +82,28 @@ def cli(main, parse_args):
         print("stopped by SIGINT outside a training loop (nothing more was saved)",
               file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def set_threads(threads):
+    """--threads N: N threads for PyTorch's CPU work (None: PyTorch's default, one per core).
+    With the default, say so when the machine is already busier than its cores: every
+    process then runs one thread per core, and on a shared 2-core machine that made the quick
+    start 5.5x slower than one thread (docs/speed_and_precision.md)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0
+    if "OMP_NUM_THREADS" not in os.environ and load >= cores:
+        print(f"note: the machine is busy (load {load:.1f} on {cores} cores); PyTorch runs "
+              f"{torch.get_num_threads()} threads here. If this runs on the CPU, --threads 1 "
+              "(or OMP_NUM_THREADS=1) is usually much faster on a busy machine",
+              file=sys.stderr, flush=True)
+
+
+def add_threads_arg(p):
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of PyTorch (default: one per core; on a shared or busy "
+                        "machine 1 is often several times faster)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -97,13 +118,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`error: ...; see --help`) and --help that shows defaults."""
+    """argparse with one-line errors (`error: ...; see --help`), --help that shows defaults, no
+    abbreviated flags (`--ou` is an error, not --out) and negative numbers in any notation
+    taken as values (`--lr -1e-4` is refused as a negative rate, not as a missing value)."""
 
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", HelpFormatter)
+        kw.setdefault("allow_abbrev", False)
         super().__init__(*a, **kw)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
 
     def error(self, message):
+        required = "the following arguments are required: "
+        if message.startswith(required):
+            flags = message[len(required):]
+            message = f"{flags} {'is' if ',' not in flags else 'are'} required"
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
@@ -171,18 +200,29 @@ def class_labels(n, num_classes, label=None, device="cpu"):
 # Devices and processes
 
 def pick_device(name=None):
-    """`--device` or the best available one: CUDA, Ascend NPU (torch_npu), Apple MPS, CPU."""
-    if name:
-        if name.startswith("npu"):
-            _import_torch_npu()
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if _import_torch_npu() and torch.npu.is_available():
-        return torch.device("npu")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """`--device` or the best available one: CUDA, Ascend NPU (torch_npu), Apple MPS, CPU. A
+    named device must exist and work here."""
+    if not name:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _import_torch_npu() and torch.npu.is_available():
+            return torch.device("npu")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("npu"):
+        _import_torch_npu()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name} is not a device name; use cuda, cuda:1, npu, mps or cpu (or "
+             "leave it out for the best available)")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        fail(f"--device {name} is not usable here ({str(e).splitlines()[0][:120]}); pick "
+             "another --device, or leave it out for the best available")
+    return device
 
 
 def _import_torch_npu():
@@ -191,113 +231,6 @@ def _import_torch_npu():
     except ImportError:
         return False
     return True
-
-
-class Dist:
-    """Rank, world size and device of this process; torchrun sets the environment."""
-
-    def __init__(self, device_name=None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = pick_device(device_name)
-        if self.world > 1 and device.type in ("cuda", "npu"):
-            device = torch.device(device.type, local_rank)
-            getattr(torch, device.type).set_device(device)
-        self.device = device
-        self.cpu_group = None
-        if self.world > 1:
-            if not dist.is_initialized():
-                backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
-                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-            # The once-per-step agreement on logging, saving and stopping (Control) runs on the
-            # CPU, so that it never waits for the accelerator's queue.
-            self.cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" \
-                else dist.group.WORLD
-        self.main = self.rank == 0
-
-    def split(self, global_batch, grad_accum):
-        """Per-process micro-batch size; the global batch must split evenly."""
-        parts = self.world * grad_accum
-        if global_batch % parts:
-            fail(f"--batch-size {global_batch} does not split into {self.world} processes x "
-                 f"--grad-accum {grad_accum}; choose a multiple of {parts}")
-        return global_batch // parts
-
-    def mean(self, x):
-        """Average of a tensor over processes (for logged values)."""
-        if self.world > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-            x /= self.world
-        return x
-
-    def agree(self, *flags):
-        """Each flag true on every process if it is true on any (one small CPU all-reduce)."""
-        if self.world == 1:
-            return flags
-        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return tuple(bool(v) for v in t.tolist())
-
-    def broadcast(self, value):
-        """rank 0's python value on every process."""
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self):
-        """Leave the process group together: a rank that tears down its connections while
-        another still uses them makes gloo abort ("terminate called without an active
-        exception")."""
-        if self.world > 1 and dist.is_initialized():
-            dist.barrier(group=self.cpu_group)
-            dist.destroy_process_group()
-
-
-def seed_init(seed):
-    """Seed weight initialisation: the same on every process, so all start from equal weights."""
-    torch.manual_seed(seed)
-
-
-def seed_dropout(seed, rank):
-    """After initialisation the global RNG only drives dropout: a different stream per process."""
-    torch.manual_seed(seed + 1 + rank)
-
-
-def noise_generator(device, seed):
-    """The generator of all per-update noise (same on every rank, sliced per rank)."""
-    try:
-        return torch.Generator(device=device).manual_seed(seed)
-    except RuntimeError:  # a backend without device generators: draw on the CPU
-        return torch.Generator().manual_seed(seed)
-
-
-def randn(gen, shape, device):
-    return torch.randn(shape, generator=gen, device=gen.device).to(device, non_blocking=True)
-
-
-def rand(gen, shape, device):
-    return torch.rand(shape, generator=gen, device=gen.device).to(device, non_blocking=True)
-
-
-def randint(gen, high, shape, device):
-    return torch.randint(high, shape, generator=gen, device=gen.device).to(device)
-
-
-def rank_slice(tensors, dist_info):
-    """This process's rows of tensors drawn for the global batch (None stays None)."""
-    return {k: (None if v is None else v.chunk(dist_info.world)[dist_info.rank])
-            for k, v in tensors.items()}
-
-
-def micro_batches(tensors, micro):
-    """Successive micro-batches of size `micro` of a dict of per-process tensors."""
-    n = len(next(v for v in tensors.values() if v is not None))
-    for lo in range(0, n, micro):
-        yield {k: (None if v is None else v[lo:lo + micro]) for k, v in tensors.items()}
 
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16", "mixed")
@@ -387,6 +320,19 @@ class ImageData:
         labels = self.folder.labels if self.folder is not None else self.labels
         return None if labels is None else int(labels.max()) + 1
 
+    def fingerprint(self):
+        """sha256 (16 hex digits) of the content: every image, label and source of in-memory
+        data (an .npz, CIFAR-10; about a second for 50k images); for a folder, the files'
+        relative names and sizes (reading every image would cost a pass over the data)."""
+        h = hashlib.sha256()
+        if self.folder is not None:
+            for f in self.folder.files:
+                h.update(f"{os.path.relpath(f, self.folder.root)}:{os.path.getsize(f)};".encode())
+        else:
+            for a in (self.images, self.labels, self.sources):
+                h.update(b"-" if a is None else a.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def get(self, index):
         """(images, labels or None, sources or None) at the given indices."""
         if self.folder is not None:
@@ -408,7 +354,7 @@ class FolderImages(torch.utils.data.Dataset):
         if not files:
             fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
         classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
-        self.files, self.size = files, size
+        self.files, self.size, self.root = files, size, root
         self.labels = None
         if classes != ["."]:
             index = {c: i for i, c in enumerate(classes)}
@@ -435,6 +381,9 @@ class FolderImages(torch.utils.data.Dataset):
 def read_npz_images(path):
     """uint8 images [N, H, W, C] from an .npz (key `images`, `arr_0` or its only array), its
     `labels` (or None) and, for a pairs file, its `source` images (or None)."""
+    if not zipfile.is_zipfile(path):
+        fail(f"{path} is not an .npz archive (np.savez / np.savez_compressed); pass an .npz of "
+             "uint8 images [N, H, W, C] under the key `images`")
     try:
         with np.load(path) as f:
             keys = list(f.keys())
@@ -498,89 +447,6 @@ def check_data(data, net_config, cond, what="the network"):
              "one sub-folder per class (or train an unconditional model without --cond)")
     if cond and data.num_classes > net_config["num_classes"]:
         fail(f"data has {data.num_classes} classes but the model has {net_config['num_classes']}")
-
-
-class Batches:
-    """Global batches of data indices in a seeded order, epoch after epoch (drop last).
-
-    Every process walks the same sequence and loads only its slice of each global batch, so a
-    run with N processes sees exactly the data of a one-process run; `consumed` is saved in
-    checkpoints so that a resumed run continues with the very next batch.
-    """
-
-    def __init__(self, data, global_batch, seed, dist_info, workers=0, consumed=0):
-        if len(data) < global_batch:
-            fail(f"the data has {len(data)} images, fewer than one batch of {global_batch}; "
-                 "lower --batch-size or add data")
-        self.data, self.batch, self.seed, self.dist = data, global_batch, seed, dist_info
-        self.consumed = consumed
-        self.per_rank = global_batch // dist_info.world
-        self._epoch = self._order = None
-        self.loader = None
-        if data.folder is not None and workers > 0:
-            self.loader = iter(torch.utils.data.DataLoader(
-                data.folder, batch_sampler=self._rank_indices(), num_workers=workers,
-                pin_memory=dist_info.device.type == "cuda", persistent_workers=True,
-                worker_init_fn=_ignore_stop_signals,
-                # its own generator: the loader's seed for its workers would otherwise be
-                # drawn from the global RNG, whose stream the run's noise relies on, and a
-                # run with workers (or resumed with them) would differ from one without
-                generator=torch.Generator().manual_seed(seed)))
-            # The workers ignore SIGTERM, so multiprocessing's own exit hook (terminate, then
-            # join) would wait for them forever: shut them down first, on every way out of
-            # the process (atexit hooks run last-registered first).
-            atexit.register(_close_batches, weakref.ref(self))
-
-    def _global_indices(self, k):
-        per_epoch = len(self.data) // self.batch
-        epoch, i = divmod(k, per_epoch)
-        if self._epoch != epoch:  # one permutation per epoch, not one per batch
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-        return self._order[i * self.batch:(i + 1) * self.batch]
-
-    def _rank_indices(self):
-        k = self.consumed
-        while True:
-            lo = self.dist.rank * self.per_rank
-            yield self._global_indices(k)[lo:lo + self.per_rank].tolist()
-            k += 1
-
-    def next(self):
-        """This process's slice of the next global batch on the device: uint8 images, labels
-        (or None) and, for a pairs file, uint8 sources (or None).
-        On CUDA the host copies are page-locked, so the transfer runs asynchronously (a copy
-        from pageable memory would make the host wait for the device's queue)."""
-        src = None
-        if self.loader is not None:
-            x, y = next(self.loader)
-            y = y if self.data.has_labels else None
-        else:
-            lo = self.dist.rank * self.per_rank
-            x, y, src = self.data.get(self._global_indices(self.consumed)[lo:lo + self.per_rank])
-        self.consumed += 1
-        device = self.dist.device
-        return to_device(x, device), to_device(y, device), to_device(src, device)
-
-    def close(self):
-        """Stop the loader workers (idempotent; the data cannot be read afterwards)."""
-        if self.loader is not None:
-            self.loader._shutdown_workers()
-            self.loader = None
-
-
-def _close_batches(ref):
-    batches = ref()
-    if batches is not None:
-        batches.close()
-
-
-def _ignore_stop_signals(worker_id):
-    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes its step
-    with them (a terminal's Ctrl-C reaches every process of the group); they still exit when
-    the main process dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def to_device(x, device):
@@ -782,344 +648,8 @@ def fingerprint(sd):
     return h.hexdigest()[:16]
 
 
-def describe_data(data):
-    """What a resumed run checks of its data: size and image shape (None: no data used)."""
-    return None if data is None else {"n": len(data), "shape": list(data.shape)}
-
-
-def check_same_inputs(saved_config, teacher_fingerprint, data_desc, path):
-    """A resumed run must see the teacher and data of the run (files may have moved)."""
-    saved = saved_config.get("teacher_fingerprint")
-    if saved and saved != teacher_fingerprint:
-        fail(f"--teacher is not the teacher {path} was trained with (weights differ); pass the "
-             "original teacher file")
-    saved = saved_config.get("data", "unrecorded")
-    if saved != "unrecorded" and saved != data_desc:
-        fail(f"--data is not the data {path} was trained with (it had {saved}, now "
-             f"{data_desc}); pass the original data")
-
-
-def load_authors_adam(opt, state, n_params, path):
-    """An Adam state of the authors' code into our optimizer of `n_params` parameters: their
-    networks always carry the GAN head, registered last, so its entries (absent from our
-    networks without GAN) are dropped; `maximize` is turned off (see distill.continue_authors)
-    and our kernel choice (foreach / fused) is kept."""
-    if len(state.get("param_groups", [])) != 1:
-        fail(f"{path}: expected one Adam parameter group, found "
-             f"{len(state.get('param_groups', []))}")
-    group = state["param_groups"][0]
-    if len(group["params"]) < n_params:
-        fail(f"{path}: its optimizer has {len(group['params'])} parameters, the network "
-             f"{n_params}; pass the network flags of the authors' run")
-    ours = opt.state_dict()["param_groups"][0]
-    kept = {k: ours[k] for k in ("foreach", "fused", "capturable", "differentiable")
-            if k in ours}
-    index = group["params"][:n_params]
-    opt.load_state_dict({
-        "state": {i: state["state"][p] for i, p in enumerate(index) if p in state["state"]},
-        "param_groups": [dict(group, **kept, params=list(range(n_params)), maximize=False)]})
-
-
-def set_warmup_position(sched, updates):
-    """Put a warm-up scheduler (common.warmup) at `updates` updates done."""
-    sched.last_epoch = updates - 1
-    with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
-        warnings.simplefilter("ignore", UserWarning)
-        sched.step()
-
-
-def rng_state(gen, dist_info):
-    """RNG states for an exact resume: the shared noise generator and each process's own."""
-    own = {"torch": torch.get_rng_state()}
-    if dist_info.device.type == "cuda":
-        own["cuda"] = torch.cuda.get_rng_state(dist_info.device)
-    per_rank = [own]
-    if dist_info.world > 1:
-        per_rank = [None] * dist_info.world
-        dist.all_gather_object(per_rank, own)
-    return {"noise": gen.get_state(), "per_rank": per_rank}
-
-
-def set_rng_state(state, gen, dist_info):
-    gen.set_state(state["noise"])
-    if len(state["per_rank"]) != dist_info.world:  # a resume on another process count
-        return
-    own = state["per_rank"][dist_info.rank]
-    torch.set_rng_state(own["torch"])
-    if "cuda" in own and dist_info.device.type == "cuda":
-        torch.cuda.set_rng_state(own["cuda"], dist_info.device)
-
-
 # ---------------------------------------------------------------------------------------------
-# Optimisation helpers
-
-def adam(params, lr, betas, device):
-    """Adam with the multi-tensor (or fused CUDA) kernels instead of a per-tensor loop."""
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.Adam(params, lr=lr, betas=betas, **kind)
-
-
-def warmup(optimizer, steps):
-    """Linear warm-up: update k = 1, 2, ... uses lr * min(1, k / steps) (steps = 0: none)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: min(1.0, (k + 1) / steps) if steps > 0 else 1.0)
-
-
-@torch.no_grad()
-def ema_update(ema_net, net, decay):
-    """ema <- decay * ema + (1 - decay) * net, all tensors in one multi-tensor op."""
-    torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
-
-
-class Objective(torch.nn.Module):
-    """One player's whole objective as a module: its network plus a loss function
-    `loss(net, micro_batch) -> (objective, {name: loss term})`.
-
-    DistributedDataParallel and torch.compile wrap this module rather than the bare network, so
-    that everything the network computes in one update (the fused generated + real pass, the GAN
-    head) is one forward call before one backward. Networks of the other players are reached by
-    the loss function itself, never registered here: DDP neither broadcasts nor reduces them.
-    """
-
-    def __init__(self, net, loss):
-        super().__init__()
-        self.net, self.loss = net, loss
-
-    def forward(self, mb):
-        return self.loss(self.net, mb)
-
-
-class Player:
-    """A trained network with its optimizer, warm-up, gradient scaler and objective.
-
-    `net` holds the weights (EMAs, checkpoints, sampling and the other player read it);
-    `run` computes the objective: the Objective module, inside DistributedDataParallel with
-    several processes (gradient buckets all-reduced while the backward pass runs; `no_sync` for
-    all but the last micro-batch of --grad-accum) and compiled with --compile.
-    """
-
-    def __init__(self, net, loss, args, d, lr, betas, warmup_steps):
-        self.net = net
-        self.objective = Objective(net, loss)
-        self.ddp = None
-        run = self.objective
-        if d.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                broadcast_buffers=False)
-            run = self.ddp
-        if args.compile:
-            run = torch.compile(run, mode=None if args.compile_mode == "default"
-                                else args.compile_mode)
-        self.run, self.params = run, list(net.parameters())
-        self.opt = adam(self.params, lr, betas, d.device)
-        self.sched = warmup(self.opt, warmup_steps)
-        self.scaler = torch.amp.GradScaler(d.device.type, enabled=args.precision == "fp16")
-
-    def update(self, batch, micro, amp, clip):
-        """One optimizer update on a batch split into micro-batches of `micro` rows: the mean of
-        the objective over the batch is minimised. Returns ({name: mean term}, pre-clip grad
-        norm), both on the device (read them at log steps only: no synchronisation here)."""
-        chunks = list(micro_batches(batch, micro))
-        totals = {}
-        for i, mb in enumerate(chunks):
-            last = i == len(chunks) - 1
-            with self.ddp.no_sync() if self.ddp is not None and not last else \
-                    contextlib.nullcontext():
-                with amp:
-                    objective, parts = self.run(mb)
-                self.scaler.scale(objective / len(chunks)).backward()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0) + v.detach() / len(chunks)
-        self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads, by design
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-            self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return totals, norm
-
-
-def frozen_alias(net):
-    """A second module on `net`'s very parameter storage that never requires grad: the other
-    player's view of a network. Updates of `net` show through, no parameter gradients are
-    computed through it, and DDP (which wraps `net`) never sees it. Make it after `net` has
-    its final device and memory format (moving a module gives it new storage)."""
-    with torch.device("meta"):
-        alias = type(net)(**net.config)
-    alias.load_state_dict(net.state_dict(), assign=True)
-    return alias.requires_grad_(False).train(net.training)
-
-
-class FiniteCheck:
-    """NaN/inf losses without a host synchronisation per update: each update records, on the
-    device, the first step at which a loss was not finite; `check` reads the record (at log
-    and save steps), so a bad run stops there and never overwrites a good checkpoint."""
-
-    def __init__(self):
-        self.first = {}  # name -> (step, value) of the first non-finite value, step inf if none
-
-    def add(self, name, value, step):
-        value = value.detach().double()
-        if name not in self.first:
-            self.first[name] = (torch.full((), math.inf, dtype=torch.float64,
-                                           device=value.device), torch.zeros_like(value))
-        first_step, first_value = self.first[name]
-        bad = ~torch.isfinite(value) & torch.isinf(first_step)
-        first_step.copy_(torch.where(bad, float(step), first_step))
-        first_value.copy_(torch.where(bad, value, first_value))
-
-    def check(self, d, out, last_saved):
-        for name, (first_step, first_value) in self.first.items():
-            step = first_step.clone()
-            if d.world > 1:
-                dist.all_reduce(step, op=dist.ReduceOp.MIN)
-            if math.isfinite(step.item()):
-                kept = (f"the last good checkpoint is {out}/latest.pt (step {last_saved})"
-                        if last_saved else "no checkpoint was written")
-                fail(f"the {name} is {first_value.item()} at step {int(step.item())}; stopped "
-                     f"without saving; {kept}; lower --lr or check the inputs")
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs: args.json, metrics.jsonl, console status lines, image grids
-
-class RunLog:
-    """Status lines on the console and the same records in <out>/metrics.jsonl (main rank).
-
-    Speed and ETA come from the average rate since this process started (or resumed), not
-    from the last interval; records carry the wall-clock time and the run's elapsed training
-    time (continued across resumes)."""
-
-    def __init__(self, out, total_steps, start_step, elapsed=0.0, enabled=True):
-        self.out, self.total, self.enabled = out, total_steps, enabled
-        self.start_step, self.start_time, self.elapsed_before = start_step, time.perf_counter(), \
-            elapsed
-        self.last_time, self.last_step = self.start_time, start_step
-        self.path = os.path.join(out, "metrics.jsonl")
-
-    def elapsed(self, now=None):
-        """Seconds of training in this run so far (until perf_counter `now`), resumes
-        included."""
-        return self.elapsed_before + (time.perf_counter() if now is None else now) - \
-            self.start_time
-
-    def write(self, record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def step(self, step, values, device):
-        """One status line: step, each value, speed, ETA, peak memory; the same record in
-        metrics.jsonl with `sec_per_step` (since the last record), `time`, `elapsed_s`."""
-        now = time.perf_counter()
-        sec = (now - self.last_time) / max(1, step - self.last_step)
-        self.last_time, self.last_step = now, step
-        record = {"step": step, **{k: _plain(v) for k, v in values.items()},
-                  "sec_per_step": sec, "time": round(time.time(), 3),
-                  "elapsed_s": round(self.elapsed(now), 3)}
-        mem = peak_memory_mb(device)
-        if mem is not None:
-            record["peak_mem_mb"] = round(mem, 1)
-        self.write(record)
-        if self.enabled:
-            rate = (step - self.start_step) / max(now - self.start_time, 1e-9)
-            eta = datetime.timedelta(seconds=round((self.total - step) / max(rate, 1e-9)))
-            speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/it"
-            parts = [f"{k} {_fmt(record[k])}" for k in values]
-            mem_txt = f" | {mem:.0f} MB" if mem is not None else ""
-            print(f"step {step}/{self.total} | " + " | ".join(parts) +
-                  f" | {speed} | ETA {eta}{mem_txt}", flush=True)
-        return record
-
-
-class Control:
-    """When to log, save and stop, decided once per step and agreed by all processes.
-
-    - log: after the first step, then every --log-every steps or --log-seconds, whichever
-      comes first, and at the end;
-    - save <out>/latest.pt: every --save-every steps (0: never by count), every --save-minutes
-      (0: never by time), with every --snapshot-every snapshot, at the end and on a stop;
-    - stop: SIGINT / SIGTERM ask the run to finish its current step, save and exit with
-      128 + the signal number; a second signal (more than a second later: torchrun and
-      schedulers forward one signal twice) stops at once, without saving.
-    Use as a context manager around the training loop (it installs the signal handlers).
-    """
-
-    def __init__(self, args, d, s, script):
-        self.args, self.d, self.s, self.script = args, d, s, script
-        self.start_step = s.step
-        self.last_log = self.last_save = time.monotonic()
-        self.signal, self.signal_time, self.previous = None, None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def _on_signal(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signal is None:
-            self.signal, self.signal_time = signum, time.monotonic()
-            if self.d.main:
-                print(f"\nreceived {name}: finishing step {self.s.step}, then saving "
-                      f"{self.args.out}/latest.pt (send it again to stop at once, unsaved)",
-                      file=sys.stderr, flush=True)
-        elif time.monotonic() - self.signal_time > 1.0:
-            kept = (f"{self.args.out}/latest.pt is from step {self.s.last_saved}"
-                    if self.s.last_saved else "nothing was saved")
-            raise Interrupted(f"stopped at once by a second {name} during step {self.s.step}, "
-                              f"without saving; {kept}", 128 + signum)
-
-    def due(self, step):
-        """(log, save, stop) after `step`, the same on every process."""
-        a, now = self.args, time.monotonic()
-        last = step >= a.steps
-        log = (step == self.start_step + 1 or step % a.log_every == 0 or last
-               or (a.log_seconds and now - self.last_log >= a.log_seconds))
-        save = (last or (a.save_every and step % a.save_every == 0)
-                or (a.snapshot_every and step % a.snapshot_every == 0)
-                or (a.save_minutes and now - self.last_save >= 60 * a.save_minutes))
-        log, save, stop = self.d.agree(log, save, self.signal is not None)
-        if log:
-            self.last_log = now
-        if save or stop:
-            self.last_save = now
-        return log, save or stop, stop
-
-    def stopped(self, step):
-        """The exception that ends a run stopped by a signal (after its checkpoint is saved)."""
-        signum = self.signal or signal.SIGTERM  # the signal reached another process
-        message = (f"stopped by {signal.Signals(signum).name} at step {step}/{self.args.steps}: "
-                   f"{self.args.out}/latest.pt written; continue with: python {self.script} "
-                   f"--resume {self.args.out}" + (" (under the same launcher, e.g. torchrun)"
-                                                  if self.d.world > 1 else ""))
-        return Interrupted(message if self.d.main else "", 128 + signum)
-
-
-def _plain(v):
-    return v.item() if torch.is_tensor(v) else v
-
-
-def _fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def start_run(args, d):
-    """Create <out> and write args.json, once setup has succeeded (a run that fails on its
-    inputs leaves no empty folder behind)."""
-    if d.main:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(json_safe(vars(args)), f, indent=2)
+# Image grids and small helpers
 
 
 def save_grid(x, path, nrow=None):
@@ -1147,7 +677,16 @@ def warn(message):
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags shared by the training scripts (torchcfm's names for the network)
+# Flags shared by the scripts (torchcfm's names for the network)
+
+def given_flags(parser, argv):
+    """The destinations of the flags present in argv (not those left at their defaults)."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=probe)
+    return {k for k, v in vars(probe).items() if v is not unset}
+
 
 def add_data_args(p, image_size_default=32):
     g = p.add_argument_group("data")
@@ -1199,218 +738,3 @@ def net_config_from_args(args, in_channels=3, num_classes=None, dropout=0.0, con
                 dropout=dropout, num_classes=num_classes)
 
 
-def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every, save_every,
-                 precisions=("fp32", "tf32", "bf16", "fp16"), precision="fp32"):
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/run",
-                   help="output folder of the run (with --resume RUN_DIR: RUN_DIR)")
-    g.add_argument("--steps", type=positive_int, default=steps,
-                   help="total steps of the run (a larger value extends a resumed run)")
-    g.add_argument("--batch-size", type=positive_int, default=batch,
-                   help="global batch size (split over processes and --grad-accum)")
-    g.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
-    g.add_argument("--warmup", type=count, default=warmup_steps,
-                   help="linear learning-rate warm-up, in optimizer updates (0: none)")
-    g.add_argument("--grad-clip", type=positive_float, default=1.0,
-                   help="gradient-norm clipping")
-    g.add_argument("--ema", type=decay, nargs="+", default=ema,
-                   help="EMA decays to track (keys str(decay) in the checkpoint)")
-    g.add_argument("--seed", type=count, default=42, help="random seed")
-    g.add_argument("--device", default=None,
-                   help="cuda, cuda:1, npu, mps or cpu (default: the best available)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
-                   help="continue a run exactly, with its own flags: a run folder, a checkpoint "
-                        "file, or no value for <out>/latest.pt. Only the flags listed under "
-                        "'resumable' in the README may change (--steps, intervals, device, ...)")
-    g.add_argument("--log-every", type=positive_int, default=log_every,
-                   help="status line and metrics.jsonl record every N steps (and after step 1)")
-    g.add_argument("--log-seconds", type=nonnegative_float, default=30.0,
-                   help="... or after this many seconds, whichever comes first (0: by count)")
-    g.add_argument("--sample-every", type=count, default=sample_every,
-                   help="sample grid every N steps (0: never)")
-    g.add_argument("--save-every", type=count, default=save_every,
-                   help="write <out>/latest.pt every N steps (0: only by --save-minutes, at "
-                        "the end and when stopped by SIGINT / SIGTERM)")
-    g.add_argument("--save-minutes", type=nonnegative_float, default=10.0,
-                   help="also write <out>/latest.pt when it is this many minutes old, so that "
-                        "a hard kill loses at most that much (0: never by time)")
-    g.add_argument("--snapshot-every", type=count, default=0,
-                   help="also keep a numbered copy <out>/ckpt_<step>.pt every N steps (0: never)")
-    s = p.add_argument_group("speed")
-    s.add_argument("--precision", choices=list(precisions), default=precision,
-                   help="fp32 (no TF32); tf32 (TF32 matrix products on CUDA); bf16 / fp16 "
-                        "(autocast, losses and optimizer in fp32, fp16 with gradient scaling)"
-                        + ("; mixed (bf16, but teacher and fake model in fp32 in the generator "
-                           "update, see README); auto: mixed on a CUDA GPU with bf16, fp32 "
-                           "elsewhere" if "mixed" in precisions else ""))
-    s.add_argument("--grad-accum", type=positive_int, default=1,
-                   help="accumulate gradients over K micro-batches (same update as one batch)")
-    s.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile each update's objective (network and loss, forward and "
-                        "backward)")
-    s.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune",
-                            "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode; reduce-overhead captures CUDA graphs")
-    s.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU kernels (cuDNN, cuBLAS) for bit-exact resumes on a "
-                        "GPU; slower. On a CPU runs are deterministic anyway")
-    return g
-
-
-def add_fid_args(p):
-    g = p.add_argument_group("in-training FID (cheap and labelled as such; final numbers: fid.py)")
-    g.add_argument("--fid-every", type=count, default=0,
-                   help="FID of the first EMA model every N steps, logged to metrics.jsonl; the "
-                        "best one is kept as <out>/best.pt (0: never)")
-    g.add_argument("--fid-n", type=_number(int, lambda v: v >= 2, "an integer >= 2"),
-                   default=10_000,
-                   help="samples per in-training FID (the paper's protocol uses 50,000)")
-    g.add_argument("--fid-ref", default=None,
-                   help="reference statistics from `python fid.py ref` (e.g. "
-                        "cifar10_train_tf.npz); needed with --fid-every")
-    g.add_argument("--fid-weights", default=None,
-                   help="Inception weights file (default: torch hub cache, see fid.py)")
-    g.add_argument("--fid-mode", choices=["tf", "pytorch-fid"], default="tf",
-                   help="FID preprocessing (tf: the paper's clean-fid legacy_tensorflow)")
-    g.add_argument("--fid-batch", type=positive_int, default=250,
-                   help="images per sampling batch")
-    return g
-
-
-# Flags a resumed run may change on the command line: how long, how often, where and how fast
-# it runs. Flags not given are all restored from the checkpoint; giving another value to a flag
-# outside this set is refused. (--teacher and --data may point to moved files: setup checks
-# their content; --init-from only matters at the start of a run.)
-RESUMABLE = {"steps", "out", "resume", "device", "workers", "data_root", "log_every",
-             "log_seconds", "sample_every", "save_every", "save_minutes", "snapshot_every",
-             "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_mode", "fid_batch",
-             "compile", "compile_mode", "channels_last", "deterministic", "teacher", "data",
-             "init_from", "sample_nfe"}
-
-
-def given_flags(parser, argv):
-    """The destinations of the flags present in argv (not those left at their defaults)."""
-    unset = object()
-    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
-                                  if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, namespace=probe)
-    return {k for k, v in vars(probe).items() if v is not unset}
-
-
-def resume_path(resume, out):
-    """The checkpoint of --resume: a file, a run folder's latest.pt, or <out>/latest.pt."""
-    path = os.path.join(out, "latest.pt") if resume == "latest" else resume
-    if os.path.isdir(path):
-        path = os.path.join(path, "latest.pt")
-    if not os.path.isfile(path):
-        fail(f"--resume: {path} not found; start without --resume or give a run folder or "
-             "checkpoint file")
-    return path
-
-
-def parse_run_args(parser, argv, script, init_hint):
-    """A training script's flags. With --resume, the run's own flags are restored from its
-    checkpoint: flags given on the command line must be RESUMABLE or equal the saved ones.
-    Sets args.resume to the checkpoint path (None without --resume) and args.from_authors for
-    the authors' files, which carry no flags (all then come from the command line). Without
-    --resume, an --out that already holds a run is refused: a repeated command never
-    overwrites the checkpoint it could have resumed."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parser.parse_args(argv)
-    args.from_authors = False
-    if args.resume is None:
-        if os.path.exists(os.path.join(args.out, "latest.pt")):  # never overwrite a run
-            fail(f"--out {args.out} already holds a run (latest.pt); continue it with "
-                 f"`python {script} --resume {args.out}`, or pass another --out (delete the "
-                 "folder to start that run over)")
-        return args
-    given = given_flags(parser, argv)
-    path = resume_path(args.resume, args.out)
-    ckpt = load_checkpoint(path, "resume checkpoint", mmap=True)
-    saved = ckpt.get("config", {}).get("args")
-    args.resume = path
-    if saved is None:  # the authors' layout (or a file written by hand): no flags inside
-        args.from_authors = True
-        return args
-    if "out" not in given:
-        args.out = os.path.dirname(path) or "."
-    differ = []
-    for key, value in vars(args).items():
-        if key not in saved or key in ("out", "resume"):
-            continue
-        if key not in given:
-            setattr(args, key, saved[key])
-        elif key not in RESUMABLE and json_safe(value) != saved[key]:
-            differ.append(f"--{key.replace('_', '-')} {_flag_text(value)} (the run: "
-                          f"{_flag_text(saved[key])})")
-    if differ:
-        fail(f"--resume {path}: {', '.join(differ)} differ from the run's own flags; drop them "
-             f"to continue the run exactly, or start a new run from these weights: python "
-             f"{script} {init_hint.format(path=path)} --out NEW_FOLDER ...")
-    return args
-
-
-def _flag_text(value):
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def check_resume_step(args, step):
-    """A resumed run must have steps left to run."""
-    if step >= args.steps:
-        fail(f"the run in {args.resume} is already at step {step} of --steps {args.steps}; "
-             "pass a larger --steps to extend it")
-
-
-class InTrainingFID:
-    """FID of a model every N steps on --fid-n samples: the Inception network and the reference
-    statistics are loaded once per run; the latents and labels are the same at every evaluation
-    (balanced labels arange(n) % classes), so that scores are comparable across steps."""
-
-    def __init__(self, args, device, shape, num_classes):
-        import fid
-        if not args.fid_ref:
-            fail("--fid-every needs --fid-ref, statistics from `python fid.py ref`")
-        self.ref = fid.load_stats(args.fid_ref)  # fid.FIDError is a RealUIDError
-        self.extractor = fid.InceptionFeatures(args.fid_weights, args.fid_mode, device)
-        fid.check_compatible(self.ref, args.fid_ref, self.extractor.mode,
-                             self.extractor.weights_sha256)
-        self.fid, self.args, self.device = fid, args, device
-        self.shape, self.num_classes = shape, num_classes
-
-    @torch.no_grad()
-    def __call__(self, sample):
-        """FID of sample(z, y) -> images in [-1, 1] against the reference statistics."""
-        n, b = self.args.fid_n, self.args.fid_batch
-        gen = torch.Generator().manual_seed(1234)
-
-        def batches():
-            for lo in range(0, n, b):
-                m = min(b, n - lo)
-                z = torch.randn(m, *self.shape, generator=gen).to(self.device)
-                y = None if self.num_classes is None else \
-                    (torch.arange(lo, lo + m) % self.num_classes).to(self.device)
-                x = to_uint8(sample(z, y).float())
-                yield x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # gray -> RGB
-        mu, sigma, _ = self.fid.feature_stats(batches(), self.extractor)
-        return self.fid.frechet_distance(mu, sigma, self.ref["mu"], self.ref["sigma"])
-
-
-def evaluate_fid(s, args, fid_eval, sample, model, log, save):
-    """In-training FID on the main process (shared with the others), logged with its sample
-    count and model; a new best is written to <out>/best.pt with save(s, args, "best.pt")."""
-    score = s.d.broadcast(fid_eval(sample) if s.d.main else None)
-    best = score < s.best_fid
-    log.write({"step": s.step, "fid": score, "fid_samples": args.fid_n, "fid_model": model,
-               "fid_mode": args.fid_mode, "fid_kind": "in-training"})
-    if log.enabled:
-        print(f"step {s.step} | in-training FID ({args.fid_n} samples, {model}): {score:.3f}"
-              + (" (best so far: <out>/best.pt)" if best else ""), flush=True)
-    if best:
-        s.best_fid = score
-        save(s, args, "best.pt")
-
-
-def snapshot_name(out, step):
-    return os.path.join(out, f"ckpt_{step:07d}.pt")

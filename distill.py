@@ -23,15 +23,22 @@ Legend (paper symbol -> code): teacher v* -> `teacher`, fake model f -> `fake`, 
 t = 0 noise and t = 1 data, u = x1 - x0. One *step* is --fake-steps fake-model updates followed
 by one generator update; every update draws fresh z, x0, t and a fresh real batch.
 """
+import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import argparse
 import copy
+import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 import common
 import coupling
+import fid
+import runs
+import teachers
+from flow import field, generate, interpolate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,11 +52,11 @@ import coupling
 # source and v(t, x, y, s) with one. Network outputs are cast to the data's dtype: under
 # autocast the losses stay in float32.
 
-def field(net, t, x, y, s):
-    """The flow field of a network at (t, x): net(t, x, y), or net(t, x, y, s) when there is a
-    source, so that callables without an image condition (closed-form fields, the ablation's
-    MLPs) keep their three-argument form."""
-    return net(t, x, y) if s is None else net(t, x, y, s)
+def _batch_mean(loss, weight=None):
+    """Sum over all but the batch dimension, then the mean over the batch, each sample's sum
+    multiplied by its weight [B] if given (SiD's weightings, see generator_update)."""
+    per_sample = loss.flatten(1).sum(1)
+    return (per_sample if weight is None else per_sample * weight).mean()
 
 
 def _twice(v):
@@ -57,21 +64,7 @@ def _twice(v):
     return None if v is None else torch.cat([v, v])
 
 
-def interpolate(x1, x0, t):
-    """x_t = t x1 + (1 - t) x0 with t [B] broadcast over the other dimensions."""
-    t_ = t.view(-1, *[1] * (x0.dim() - 1))
-    return t_ * x1 + (1 - t_) * x0
-
-
-def generate(G, z, y=None, s=None):
-    """One-step generator x = z + G(0, z, y[, s]): the network at t = 0 plus a residual
-    (Appendix D). For couplings z is the generator's own start kappa s + sigma_s eps
-    (coupling.start), drawn independently of the interpolations' x0."""
-    t0 = torch.zeros(len(z), device=z.device, dtype=z.dtype)
-    return z + field(G, t0, z, y, s).to(z.dtype)
-
-
-def fake_model_loss(fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta):
+def fake_model_loss(fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta, weight=None):
     """RealUM(f) of eq. (17), minimised by the fake model f (the inner max of eq. (18) is
     max_f -RealUM(f)):
 
@@ -82,18 +75,19 @@ def fake_model_loss(fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta):
     terms without f; its pointwise optimum is Lemma 2's f = (beta p_g v_G + (1 - beta) p_d v*) /
     (alpha p_g + (1 - alpha) p_d). x_g is generated without a graph; x_d (real data) may be None
     when alpha = beta = 1. The two batches share x0 and t (and y, s) and go through f in one
-    forward pass.
+    forward pass. `weight` [B] weighs each sample (its generated and real terms), e.g. EDM's
+    denoising weight for a diffusion fake model; it leaves the pointwise optimum unchanged.
     """
     u_g = x_g - x0
     if alpha == 1 and beta == 1:  # data-free UID: the real-data terms vanish
         f_g = field(fake, t, interpolate(x_g, x0, t), y, s).to(x0.dtype)
-        return (alpha * (f_g * f_g) - 2 * beta * (f_g * u_g)).flatten(1).sum(1).mean()
+        return _batch_mean(alpha * (f_g * f_g) - 2 * beta * (f_g * u_g), weight)
     u_d = x_d - x0
     xt = torch.cat([interpolate(x_g, x0, t), interpolate(x_d, x0, t)])
     f_g, f_d = field(fake, t.repeat(2), xt, _twice(y), _twice(s)).to(x0.dtype).chunk(2)
     loss = (alpha * (f_g * f_g) - 2 * beta * (f_g * u_g)
             + (1 - alpha) * (f_d * f_d) - 2 * (1 - beta) * (f_d * u_d))
-    return loss.flatten(1).sum(1).mean()
+    return _batch_mean(loss, weight)
 
 
 def generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta):
@@ -142,18 +136,32 @@ def general_fake_model_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, a
     return -gain.flatten(1).sum(1).mean()
 
 
-def general_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta, gamma):
+def general_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta, gamma,
+                           weight=None, normalize=False):
     """General RealUID (Appendix A.2), generator side, minimised by G (delta = f - v*):
 
         E_gen[ -gamma |delta|^2 + 2 beta <delta, u_g> - 2 alpha <delta, v*> ].
 
-    With gamma = alpha this equals generator_loss exactly.
+    With gamma = alpha this equals generator_loss exactly. The generator-side gamma may exceed 1
+    (the fake model's loss keeps its own): with D = x_t + (1 - t) v, alpha = beta = 1, this is
+    2 L_SiD / (1 - t)^2 with alpha_SiD = gamma / 2, SiD's generator loss (Zhou et al. 2024)
+
+        L_SiD = (D* - D_f) . ((D* - x_g) - alpha_SiD (D* - D_f)),
+
+    since D* - D_f = -(1 - t) delta and D* - x_g = (1 - t)(v* - u_g) (Appendix A.3; SiD's
+    alpha_SiD = 1.2 is gamma = 2.4). `weight` [B] weighs each sample; `normalize` divides each
+    sample's loss by mean |x_g - D*| = (1 - t) mean |u_g - v*|, without gradient, as SiD does
+    (weight (1 - t)^2 / 2 with normalize=True is SiD's generator loss itself).
     """
     xt, u_g = interpolate(x_g, x0, t), x_g - x0
     v = field(teacher, t, xt, y, s).to(x0.dtype)
     delta = field(fake, t, xt, y, s).to(x0.dtype) - v
     loss = -gamma * delta * delta + 2 * beta * delta * u_g - 2 * alpha * delta * v
-    return loss.flatten(1).sum(1).mean()
+    if normalize:
+        t_ = t.view(-1, *[1] * (x0.dim() - 1))
+        scale = ((1 - t_) * (u_g - v)).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
+        weight = 1 / scale if weight is None else weight / scale
+    return _batch_mean(loss, weight)
 
 
 def gan_discriminator_loss(D, x_g, x_d, x0, t_gan, y=None, s=None):
@@ -173,12 +181,15 @@ def gan_generator_loss(D, x_g, x0, t_gan, y=None, s=None):
 
 # ---------------------------------------------------------------------------------------------
 
+SCRIPT = "distill.py"  # named in resume hints
+
+
 def build_parser():
     p = common.Parser(description=__doc__.split("\n\n")[0])
     r = p.add_argument_group("RealUID")
-    r.add_argument("--teacher", default=None,
+    r.add_argument("--teacher", required=True,
                    help="teacher checkpoint: ours (train_teacher.py) or the authors' file "
-                        "(required; restored by --resume)")
+                        "(restored by --resume)")
     r.add_argument("--teacher-ema", type=common.decay_or_none, default=0.999,
                    help="EMA decay of the teacher weights to distill, or 'none' for raw weights")
     r.add_argument("--alpha", type=common.unit_interval, default=1.0,
@@ -197,9 +208,11 @@ def build_parser():
                         "0 off)")
     r.add_argument("--gan-disc-coef", type=common.nonnegative_float, default=0.0,
                    help="GAN baseline: discriminator loss weight (paper: 1.0, ratio 3; 0 off)")
-    r.add_argument("--fake-init", choices=["random", "teacher", "init-from"], default="random",
+    r.add_argument("--fake-init", choices=["random", "teacher", "init-from"], default=None,
                    help="fake model f starts from a fresh network (distillation), the teacher's "
-                        "weights (fine-tuning, section 4.2) or --init-from's fake model `u`")
+                        "weights (fine-tuning, section 4.2; SiD) or --init-from's fake model "
+                        "`u` (default: random for a flow-matching teacher, teacher for a "
+                        "diffusion teacher)")
     r.add_argument("--init-from", default=None,
                    help="start the generator from this distilled checkpoint instead of the "
                         "teacher (fine-tuning, finetune.py; or a new run from a run's weights)")
@@ -210,6 +223,27 @@ def build_parser():
     r.add_argument("--cond", action="store_true",
                    help="assert the teacher is class-conditional (conditioning always follows "
                         "the teacher; labels come from the data)")
+    sid = p.add_argument_group(
+        "diffusion teachers (EDM pickles) and SiD (Appendix A.3); defaults: plain RealUID")
+    sid.add_argument("--sigma-init", type=common.positive_float, default=None,
+                     help="generator start: x = D_G(sigma_init z; sigma_init), i.e. one step "
+                          "from t_g = 1 / (1 + sigma_init) (default: 2.5, SiD's, for a "
+                          "diffusion teacher; none, i.e. x = z + G(0, z), for flow matching)")
+    sid.add_argument("--gen-gamma", type=common.positive_float, default=None,
+                     help="the generator's coefficient of |f - v*|^2 (General RealUID's gamma on "
+                          "the generator side only; SiD's alpha = 1.2 is 2.4; default: gamma)")
+    sid.add_argument("--fake-t", choices=["uniform", "edm"], default="uniform",
+                     help="law of t in the fake-model update: uniform (on the teacher's range) or "
+                          "EDM's ln sigma ~ N(-1.2, 1.2^2) (SiD)")
+    sid.add_argument("--gen-t", choices=["uniform", "sid"], default="uniform",
+                     help="law of t in the generator update: uniform or SiD's (sigma on EDM's "
+                          "rho = 7 grid, position uniform on [0, 0.8])")
+    sid.add_argument("--fake-weight", choices=["none", "edm"], default="none",
+                     help="per-sample weight of the fake-model loss: none or EDM's denoising "
+                          "weight (sigma^2 + 0.25) / (0.5 sigma)^2 (1 - t)^2 (SiD)")
+    sid.add_argument("--gen-weight", choices=["none", "sid"], default="none",
+                     help="per-sample weight of the generator loss: none or SiD's (1 - t)^2 / 2 "
+                          "divided by mean |x_g - D*| (makes it SiD's generator loss)")
     common.add_data_args(p, image_size_default=None).title = (
         "data (--image-size defaults to the teacher's)")
     coupling.add_args(p, teacher=False)
@@ -217,10 +251,10 @@ def build_parser():
                                     "files); ours describe themselves")
     # 66,667 steps x 6 updates = the paper's 400k updates (the official script's default is
     # 800k updates, i.e. 133,333 steps).
-    common.add_run_args(p, steps=66_667, batch=256, lr=3e-5, warmup_steps=500,
+    runs.add_run_args(p, steps=66_667, batch=256, lr=3e-5, warmup_steps=500,
                         ema=[0.999, 0.9996, 0.9999], log_every=100, sample_every=5000,
                         save_every=5000, precisions=common.PRECISIONS, precision="auto")
-    common.add_fid_args(p)
+    runs.add_fid_args(p)
     return p
 
 
@@ -228,7 +262,7 @@ INIT_HINT = "--init-from {path} --init-ema none --fake-init init-from"
 
 
 def parse_args(argv=None):
-    return common.parse_run_args(build_parser(), argv, "distill.py", INIT_HINT)
+    return runs.parse_run_args(build_parser(), argv, SCRIPT, INIT_HINT, "distilled")
 
 
 def check_args(args):
@@ -242,132 +276,153 @@ def check_args(args):
     elif gamma == 1 and (args.alpha, args.beta) != (1, 1):
         common.warn("gamma = 1 with (alpha, beta) != (1, 1) leaves the real-data part of "
                     "General RealUID linear in f (unbounded; Appendix A.2): lower --gamma")
-    if args.fake_init == "init-from" and not args.init_from:
-        common.fail("--fake-init init-from needs --init-from, the distilled checkpoint whose "
-                    "fake model to start from")
 
 
-def setup(args, d):
-    """Everything a run needs, as one namespace: networks, players, data, noise, flags.
+def setup(args, proc):
+    """Everything a run needs, as one namespace `state`: networks, players, data, noise, flags.
 
     Initialisation: teacher v* frozen; generator G from the teacher's weights (or from a
     distilled generator with --init-from); fake model f a fresh network (or the teacher's
     weights with --fake-init teacher); EMAs equal to G. A --resume checkpoint then overrides
-    all state (weights, optimizers, schedules, RNG, data position).
+    all state (weights, optimizers, schedules, RNG, data position); `state.run` knows where the
+    run stands (step, elapsed time, best in-training FID).
     """
-    device = d.device
+    device = proc.device
     args.precision = common.resolve_precision(args.precision, device)  # saved resolved
-    s = argparse.Namespace(d=d, device=device, alpha=args.alpha, beta=args.beta)
-    s.gamma = args.alpha if args.gamma is None else args.gamma
-    s.general = args.gamma is not None and args.gamma != args.alpha
-    s.gan = args.gan_gen_coef > 0 or args.gan_disc_coef > 0
-    s.uses_real = (s.alpha, s.beta, s.gamma) != (1, 1, 1) or s.gan
+    common.configure_backends(device, args.precision, args.deterministic)
+    state = argparse.Namespace(proc=proc, device=device, alpha=args.alpha, beta=args.beta)
+    state.gamma = args.alpha if args.gamma is None else args.gamma
+    state.general = args.gamma is not None and args.gamma != args.alpha
+    state.gen_gamma = state.gamma if args.gen_gamma is None else args.gen_gamma
+    state.gan = args.gan_gen_coef > 0 or args.gan_disc_coef > 0
+    state.uses_real = (state.alpha, state.beta, state.gamma) != (1, 1, 1) or state.gan
 
-    tckpt = common.load_checkpoint(args.teacher, "teacher checkpoint")
-    common.require_kind(tckpt, "teacher", args.teacher)
-    t_sd = common.pick_weights(tckpt, args.teacher_ema, args.teacher)
     fallback = common.net_config_from_args(
         argparse.Namespace(**{**vars(args), "image_size": args.image_size or 32}))
-    s.cfg = cfg = dict(common.net_config_from(tckpt, t_sd, fallback), dropout=args.dropout)
-    s.teacher = common.build_net(cfg, t_sd, dropout=0.0,
-                                 what=f"teacher weights in {args.teacher}")
-    s.teacher.to(device).eval().requires_grad_(False)
-    s.teacher_fingerprint = common.fingerprint(s.teacher.state_dict())
-    s.cond = cfg["num_classes"] is not None
-    if args.cond and not s.cond:
+    state.teacher = teachers.load_teacher(
+        args.teacher, "raw" if args.teacher_ema is None else args.teacher_ema, device, fallback)
+    state.teacher_fingerprint = common.fingerprint(state.teacher.state_dict())
+    state.diffusion = teachers.is_diffusion(state.teacher)
+    if state.diffusion and state.gan:
+        common.fail("the GAN baseline needs the U-Net's discriminator head; a diffusion "
+                    "teacher's network has none: drop --gan-gen-coef / --gan-disc-coef")
+    # The students' network: the teacher's architecture, with the students' dropout.
+    state.cfg = cfg = teachers.student_config(state.teacher, args.dropout)
+    state.num_classes = teachers.num_classes(state.teacher)
+    state.cond = state.num_classes is not None
+    if args.cond and not state.cond:
         common.fail(f"--cond given but the teacher {args.teacher} is unconditional")
-    s.coupling = coupling.for_student(tckpt.get("config", {}).get("coupling"), args.task, None,
-                                      args.teacher)
-    if s.coupling and args.fid_every:
+    state.coupling = coupling.for_student(state.teacher.coupling, args.task, None, args.teacher)
+    if state.coupling and args.fid_every:
         common.fail("--fid-every scores noise-to-image models; score an image-to-image "
-                    "generator with `python fid.py pairs` instead")
-    g_sd, f_sd = t_sd, None
+                    "generator with `python eval_pairs.py` instead")
+    # Where the teacher is defined (a denoiser: sigma in [sigma_min, sigma_max]), and where the
+    # generator starts: x = z + G(0, z) for flow matching, SiD's sigma_init for a denoiser.
+    state.t_range = (getattr(state.teacher, "t_min", 0.0), getattr(state.teacher, "t_max", 1.0))
+    if args.sigma_init is None and state.diffusion:
+        args.sigma_init = 2.5
+    state.t_g = 0.0 if args.sigma_init is None else 1 / (1 + args.sigma_init)
+    if args.fake_init is None:
+        args.fake_init = "teacher" if state.diffusion else "random"
+    if args.fake_init == "init-from" and not args.init_from:
+        common.fail("--fake-init init-from needs --init-from, the distilled checkpoint whose "
+                    "fake model to start from")
+    t_sd = state.teacher.state_dict()
+    gen_sd, fake_sd = t_sd, None
     if args.init_from:
         ickpt = common.load_checkpoint(args.init_from, "--init-from checkpoint")
         common.require_kind(ickpt, "distilled", args.init_from)
-        g_sd = common.pick_weights(ickpt, args.init_ema, args.init_from)
+        gen_sd = common.pick_weights(ickpt, args.init_ema, args.init_from)
         if args.fake_init == "init-from":
-            f_sd = common.clean_state_dict(ickpt["u"])
+            fake_sd = common.clean_state_dict(ickpt["u"])
     if args.fake_init == "teacher":
-        f_sd = t_sd
-    common.seed_init(args.seed)
-    s.gen = common.build_net(cfg, g_sd, what="generator weights").to(device)
-    s.fake = common.build_net(cfg, f_sd, gan_head=s.gan, what="fake-model weights").to(device)
-    s.emas = {common.ema_key(decay): copy.deepcopy(s.gen).requires_grad_(False).eval()
-              for decay in args.ema}
-    common.seed_dropout(args.seed, d.rank)
-    s.shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        fake_sd = t_sd
+    runs.seed_init(args.seed)
+    state.gen = teachers.build(cfg, gen_sd, what="generator weights").to(device)
+    state.fake = teachers.build(cfg, fake_sd, gan_head=state.gan,
+                                what="fake-model weights").to(device)
+    state.emas = {common.ema_key(decay): copy.deepcopy(state.gen).requires_grad_(False).eval()
+                  for decay in args.ema}
+    runs.seed_dropout(args.seed, proc.rank)
+    state.shape = teachers.image_shape(state.teacher)
 
     # Real data: the targets when alpha, beta < 1 (or the GAN); a coupling always reads its
     # sources, and with alpha = beta = 1 never uses the targets (IBMD's data-free setting).
-    data, s.reads_data = None, s.uses_real or s.coupling is not None
-    if s.reads_data:
-        data = common.open_data(args.data, args.data_root, cfg["image_size"])
-        common.check_data(data, cfg, s.cond, what=f"the teacher {args.teacher}")
-        coupling.for_student(s.coupling, args.task, data, args.teacher)
-    s.data_desc = common.describe_data(data)
-    s.grid_pairs = coupling.fixed_pairs(data, s.coupling, 16, device) if s.coupling else None
+    data, state.reads_data = None, state.uses_real or state.coupling is not None
+    if state.reads_data:
+        data = common.open_data(args.data, args.data_root, state.shape[-1])
+        common.check_data(data, teachers.data_config(state.teacher), state.cond,
+                          what=f"the teacher {args.teacher}")
+        coupling.for_student(state.coupling, args.task, data, args.teacher)
+    elif args.data != "cifar10" and proc.main:
+        print(f"note: --data {args.data} is not read: alpha = beta = 1 is data-free")
+    state.data_desc = runs.describe_data(data)
+    state.grid_pairs = coupling.fixed_pairs(data, state.coupling, 16, device) \
+        if state.coupling else None
 
     if args.channels_last:
-        for net in (s.teacher, s.gen, s.fake, *s.emas.values()):
+        for net in (state.teacher, state.gen, state.fake, *state.emas.values()):
             net.to(memory_format=torch.channels_last)
-    s.fake_frozen = common.frozen_alias(s.fake)  # f as the generator update sees it
+    # Each player as the other one sees it: on the same weights, frozen, in eval mode.
+    state.gen_frozen = runs.frozen_alias(state.gen)
+    state.fake_frozen = runs.frozen_alias(state.fake)
     # Adam with betas (0, 0.999) for both players, linear warm-up per optimizer (Appendix D).
-    s.g = common.Player(s.gen, generator_objective(s, args), args, d, args.lr, (0.0, 0.999),
-                        args.warmup)
-    s.f = common.Player(s.fake, fake_objective(s, args), args, d, args.lr, (0.0, 0.999),
-                        args.warmup)
-    s.noise_gen = common.noise_generator(device, args.seed)
-    s.check = common.FiniteCheck()
+    compile_mode = args.compile_mode if args.compile else None
+    state.gen_player, state.fake_player = (
+        runs.Player(net, args.lr, (0.0, 0.999), args.warmup, proc, compile_mode,
+                    fp16=args.precision == "fp16") for net in (state.gen, state.fake))
+    state.noise = runs.noise_generator(device, args.seed)
 
-    s.step, consumed, s.last_saved, s.best_fid, s.elapsed = 0, 0, None, float("inf"), 0.0
+    state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))
+    consumed = 0
     if args.resume and args.from_authors:
-        continue_authors(s, args)
+        continue_authors(state, args)
     elif args.resume:
-        consumed = restore(s, args)
+        consumed = restore(state, args)
 
-    s.batches = common.Batches(data, args.batch_size, args.seed, d, args.workers, consumed) \
-        if s.reads_data else None
-    s.micro = d.split(args.batch_size, args.grad_accum)
-    s.amp = common.precision_context(device, args.precision)
-    s.gen.train(), s.fake.train()
-    return s
+    state.batches = runs.Batches(data, args.batch_size, args.seed, proc, args.workers,
+                                 consumed) if state.reads_data else None
+    state.micro = proc.split(args.batch_size, args.grad_accum)
+    state.amp = common.precision_context(device, args.precision)
+    state.gen.train(), state.fake.train()
+    return state
 
 
-def restore(s, args):
+def restore(state, args):
     """State of one of our checkpoints (--resume): weights, optimizers, schedules, scalers,
-    RNG; returns the number of data batches consumed."""
+    RNG, where the run stands; returns the number of data batches consumed."""
     path = args.resume
     ckpt = common.load_checkpoint(path, "resume checkpoint")
     common.require_kind(ckpt, "distilled", path)
     saved = ckpt.get("config", {})
-    if not common.same_net(saved.get("net"), s.cfg) or saved.get("gan_head") != s.gan or \
-            saved.get("coupling") != s.coupling:
+    if not common.same_net(saved.get("net"), state.cfg) or saved.get("gan_head") != state.gan \
+            or saved.get("coupling") != state.coupling:
         common.fail(f"{path} was made with another teacher network or GAN setting; resume "
                     "with the original --teacher and GAN flags")
-    common.check_same_inputs(saved, s.teacher_fingerprint, s.data_desc, path)
-    common.load_state(s.gen, ckpt["gen"])
-    common.load_state(s.fake, ckpt["u"])
-    for k, m in s.emas.items():
+    runs.check_same_inputs(saved, state.teacher_fingerprint, state.data_desc, path)
+    common.load_state(state.gen, ckpt["gen"])
+    common.load_state(state.fake, ckpt["u"])
+    for k, m in state.emas.items():
         if k not in ckpt["ema_gens"]:
             common.fail(f"{path} tracks the EMAs {', '.join(ckpt['ema_gens'])}, not {k}")
         common.load_state(m, ckpt["ema_gens"][k])
-    s.g.opt.load_state_dict(ckpt["optim_gen"])
-    s.f.opt.load_state_dict(ckpt["optim_u"])
-    s.g.sched.load_state_dict(ckpt["sched"])
-    s.f.sched.load_state_dict(ckpt["sched_u"])
-    s.g.scaler.load_state_dict(ckpt.get("scaler_gen", {}))
-    s.f.scaler.load_state_dict(ckpt.get("scaler_u", {}))
-    common.set_rng_state(ckpt["rng"], s.noise_gen, s.d)
-    s.step, s.last_saved = ckpt["step"], ckpt["step"]
-    s.best_fid, s.elapsed = ckpt.get("best_fid", float("inf")), ckpt.get("elapsed_s", 0.0)
-    common.check_resume_step(args, s.step)
-    if s.d.main:
-        print(f"resumed {path} at step {s.step}")
+    gen, fake = state.gen_player, state.fake_player
+    gen.opt.load_state_dict(ckpt["optim_gen"])
+    fake.opt.load_state_dict(ckpt["optim_u"])
+    gen.sched.load_state_dict(ckpt["sched"])
+    fake.sched.load_state_dict(ckpt["sched_u"])
+    gen.scaler.load_state_dict(ckpt.get("scaler_gen", {}))
+    fake.scaler.load_state_dict(ckpt.get("scaler_u", {}))
+    runs.set_rng_state(ckpt["rng"], state.noise, state.proc, path)
+    state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
+                         ckpt.get("best_fid", math.inf))
+    runs.check_resume_step(args, ckpt["step"])
+    if state.proc.main:
+        print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["data_batches"]
 
 
-def continue_authors(s, args):
+def continue_authors(state, args):
     """Continue a checkpoint of the authors' train_distil.py ({gen, u, ema_gens, optim_gen,
     optim_u, sched, step}, no flags inside: they all come from the command line).
 
@@ -376,8 +431,10 @@ def continue_authors(s, args):
     with the same reduction (sum over pixels, mean over the batch). So their Adam moments are
     ours as they are, and only the `maximize` flag is turned off. Their step counter counts
     every update (a generator update when step % 6 == 5) and is saved after update `step`;
-    ours counts generator updates. RNG states, the data position and their fake model's
-    scheduler (never saved: they restore it from the generator's) cannot be restored.
+    ours counts generator updates. Both players run the learning rate of the command line
+    (--lr), at their warm-up positions. RNG states, the data position and their fake model's
+    scheduler (never saved: they restore it from the generator's) cannot be restored. The
+    run then saves our own layout: a later --resume of it continues it as ours.
     """
     path = args.resume
     ckpt = common.load_checkpoint(path, "resume checkpoint")
@@ -388,239 +445,282 @@ def continue_authors(s, args):
         common.fail(f"{path} lacks {', '.join(missing)} of the authors' distillation layout; "
                     "to start from its generator use --init-from instead of --resume")
     head = common.HEAD
-    for net, key in ((s.gen, "gen"), (s.fake, "u")):
+    for net, key in ((state.gen, "gen"), (state.fake, "u")):
         sd = common.clean_state_dict(ckpt[key])
-        keep = {k: v for k, v in sd.items() if s.gan and net is s.fake or not k.startswith(head)}
+        keep = {k: v for k, v in sd.items()
+                if state.gan and net is state.fake or not k.startswith(head)}
         common.load_state(net, keep)
-    for k, m in s.emas.items():
+    for k, m in state.emas.items():
         if k not in ckpt["ema_gens"]:
             common.fail(f"{path} tracks the EMAs {', '.join(ckpt['ema_gens'])}, not {k}: pass "
                         f"--ema {' '.join(ckpt['ema_gens'])}")
         common.load_state(m, {n: v for n, v in common.clean_state_dict(
             ckpt["ema_gens"][k]).items() if not n.startswith(head)})
-    common.load_authors_adam(s.g.opt, ckpt["optim_gen"], len(s.g.params), path)
-    common.load_authors_adam(s.f.opt, ckpt["optim_u"], len(s.f.params), path)
+    gen, fake = state.gen_player, state.fake_player
+    load_authors_adam(gen.opt, ckpt["optim_gen"], len(gen.params), path)
+    load_authors_adam(fake.opt, ckpt["optim_u"], len(fake.params), path)
     updates = int(ckpt["step"]) + 1  # they save after the update with index `step`
-    s.step = updates // (args.fake_steps + 1)
-    s.g.sched.load_state_dict(ckpt["sched"])
-    common.set_warmup_position(s.f.sched, s.step * args.fake_steps)
-    common.check_resume_step(args, s.step)
-    if s.d.main:
+    step = updates // (args.fake_steps + 1)
+    # Their generator's warm-up goes on where it was, at the lr of the command line: their
+    # `sched` also holds their base lr, which would otherwise replace --lr.
+    their_base = ckpt["sched"].get("base_lrs", [args.lr])[0]
+    factor = gen.opt.param_groups[0]["lr"] / their_base if their_base else 1.0
+    gen.sched.load_state_dict(ckpt["sched"])
+    gen.sched.base_lrs = [args.lr]
+    gen.sched._last_lr = [args.lr * factor]
+    for group in gen.opt.param_groups:
+        group["lr"], group["initial_lr"] = args.lr * factor, args.lr
+    set_warmup_position(fake.sched, step * args.fake_steps)
+    state.run.resumed_at(step, 0.0, math.inf, saved=False)
+    runs.check_resume_step(args, step)
+    if state.proc.main:
         print(f"continuing the authors' checkpoint {path}: weights, EMAs and both Adam states "
               f"restored (fake model: maximize=True turned into our minimisation, moments "
-              f"kept); their {updates} updates = step {s.step} here ({args.fake_steps} "
-              f"fake-model + 1 generator updates per step); not restored: RNG states and data "
-              f"position (fresh from --seed {args.seed}), the fake model's warm-up position "
-              f"(their sched_u, never saved; rebuilt from the step)")
+              f"kept); their {updates} updates = step {step} here ({args.fake_steps} "
+              f"fake-model + 1 generator updates per step); lr {args.lr} for both players; "
+              f"not restored: RNG states and data position (fresh from --seed {args.seed}), "
+              f"the fake model's warm-up position (their sched_u, never saved; rebuilt from "
+              f"the step)")
         if args.alpha == 1 and args.beta != 1:
             print("note: their losses.py drops the real-data term when alpha = 1; eq. (17), "
                   "which this code follows, keeps its linear part")
 
 
-def generator_objective(s, args):
-    """G's objective on one micro-batch (common.Player): eq. (18)'s generator side (+ the GAN
-    generator loss). The teacher and the frozen alias of f are reached from here, outside the
-    DDP wrapper of G; under --precision mixed both run in float32."""
-    mixed = args.precision == "mixed"
-    teacher = common.full_precision(s.teacher) if mixed else s.teacher
-    fake = common.full_precision(s.fake_frozen) if mixed else s.fake_frozen
-
-    def objective(gen, mb):
-        x_g = generate(gen, mb["z"], mb["y"], mb["s"])
-        if s.general:
-            loss = general_generator_loss(teacher, fake, x_g, mb["x0"], mb["t"], mb["y"],
-                                          mb["s"], alpha=s.alpha, beta=s.beta, gamma=s.gamma)
-        else:
-            loss = generator_loss(teacher, fake, x_g, mb["x0"], mb["t"], mb["y"], mb["s"],
-                                  alpha=s.alpha, beta=s.beta)
-        if not s.gan:
-            return loss, {"loss_gen": loss}
-        gan = gan_generator_loss(s.fake_frozen.forward_head, x_g, mb["x0"], mb["t_gan"],
-                                 mb["y"], mb["s"])
-        return loss + args.gan_gen_coef * gan, {"loss_gen": loss, "loss_gan_gen": gan}
-    return objective
+def load_authors_adam(opt, state, n_params, path):
+    """An Adam state of the authors' code into our optimizer of `n_params` parameters: their
+    networks always carry the GAN head, registered last, so its entries (absent from our
+    networks without GAN) are dropped; `maximize` is turned off (see distill.continue_authors)
+    and our kernel choice (foreach / fused) is kept."""
+    if len(state.get("param_groups", [])) != 1:
+        common.fail(f"{path}: expected one Adam parameter group, found "
+             f"{len(state.get('param_groups', []))}")
+    group = state["param_groups"][0]
+    if len(group["params"]) < n_params:
+        common.fail(f"{path}: its optimizer has {len(group['params'])} parameters, the network "
+             f"{n_params}; pass the network flags of the authors' run")
+    ours = opt.state_dict()["param_groups"][0]
+    kept = {k: ours[k] for k in ("foreach", "fused", "capturable", "differentiable")
+            if k in ours}
+    index = group["params"][:n_params]
+    opt.load_state_dict({
+        "state": {i: state["state"][p] for i, p in enumerate(index) if p in state["state"]},
+        "param_groups": [dict(group, **kept, params=list(range(n_params)), maximize=False)]})
 
 
-def fake_objective(s, args):
-    """f's objective on one micro-batch (common.Player): RealUM(f) of eq. (17) (or General
-    RealUID's; + the GAN discriminator loss). G runs without a graph, outside f's wrapper."""
-    def objective(fake, mb):
-        with torch.no_grad():
-            x_g = generate(s.gen, mb["z"], mb["y"], mb["s"])
-        if s.general:
-            loss = general_fake_model_loss(s.teacher, fake, x_g, mb["x_d"], mb["x0"], mb["t"],
-                                           mb["y"], mb["s"], alpha=s.alpha, beta=s.beta,
-                                           gamma=s.gamma)
-        else:
-            loss = fake_model_loss(fake, x_g, mb["x_d"], mb["x0"], mb["t"], mb["y"], mb["s"],
-                                   alpha=s.alpha, beta=s.beta)
-        if not s.gan:
-            return loss, {"loss_fake": loss}
-        gan = gan_discriminator_loss(fake.forward_head, x_g, mb["x_d"], mb["x0"], mb["t_gan"],
-                                     mb["y"], mb["s"])
-        return loss + args.gan_disc_coef * gan, {"loss_fake": loss, "loss_gan_disc": gan}
-    return objective
+def set_warmup_position(sched, updates):
+    """Put a warm-up scheduler (runs.warmup) at `updates` updates done."""
+    sched.last_epoch = updates - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
 
 
-def draw(s, args):
-    """Fresh noise for the global batch (shared generator), this process's rows, and this
-    process's slice of a fresh real batch (randomly flipped).
+def draw(state, args, law="uniform"):
+    """Fresh noise for the global batch (one shared generator; this process takes its rows)
+    and this process's slice of a fresh real batch (randomly flipped).
 
     For a coupling the batch also holds the sources s; the generator's start z = kappa s +
     sigma eps_g and the interpolations' shared x0 = kappa s + sigma eps0 use independent
-    noise (coupling.py explains why), and with alpha = beta = 1 the targets stay unread."""
-    B, device, gen = args.batch_size, s.device, s.noise_gen
-    g = {"z": common.randn(gen, (B, *s.shape), device),
-         "x0": common.randn(gen, (B, *s.shape), device),
-         "t": common.rand(gen, (B,), device)}
-    if s.gan:
-        g["t_gan"] = 1 - 0.2 * common.rand(gen, (B,), device)
-    if s.reads_data:
-        g["flip"] = common.rand(gen, (B,), device) < 0.5
-    elif s.cond:  # data-free and conditional: labels uniform over the classes
-        g["y"] = common.randint(gen, s.cfg["num_classes"], (B,), device)
-    if s.coupling and s.coupling["task"] == "denoise":
-        g["task"] = common.randn(gen, (B, *s.shape), device)
-    batch = common.rank_slice(g, s.d)
+    noise (coupling.py explains why), and with alpha = beta = 1 the targets stay unread.
+    `law` is the law of t (teachers.noise_levels)."""
+    B, device, rng = args.batch_size, state.device, state.noise
+    noise = {"z": runs.randn(rng, (B, *state.shape), device),
+             "x0": runs.randn(rng, (B, *state.shape), device),
+             "t": teachers.noise_levels(law, runs.randn(rng, (B,), device) if law == "edm" else
+                               runs.rand(rng, (B,), device), state.t_range)}
+    if state.gan:
+        noise["t_gan"] = 1 - 0.2 * runs.rand(rng, (B,), device)
+    if state.reads_data:
+        noise["flip"] = runs.rand(rng, (B,), device) < 0.5
+    elif state.cond:  # data-free and conditional: labels uniform over the classes
+        noise["y"] = runs.randint(rng, state.num_classes, (B,), device)
+    if state.coupling and state.coupling["task"] == "denoise":
+        noise["task"] = runs.randn(rng, (B, *state.shape), device)
+    batch = runs.rank_slice(noise, state.proc)
     batch.setdefault("y", None)
     batch["x_d"], batch["s"] = None, None
-    if s.reads_data:
-        x_u8, y, src_u8 = s.batches.next()
+    if state.reads_data:
+        x_u8, y, src_u8 = state.batches.next()
         flip = batch.pop("flip")
         x1 = common.flip(common.from_uint8(x_u8), flip)
-        batch["y"] = y if s.cond else None
-        if s.uses_real:
+        batch["y"] = y if state.cond else None
+        if state.uses_real:
             batch["x_d"] = x1
-        if s.coupling:
-            c = s.coupling
+        if state.coupling:
+            c = state.coupling
             batch["s"] = coupling.make_source(c, x1, src_u8, flip, batch.pop("task", None))
             batch["z"] = coupling.start(batch["s"], batch["z"], c["kappa"], c["sigma"])
             batch["x0"] = coupling.start(batch["s"], batch["x0"], c["kappa"], c["sigma"])
     return batch
 
 
-def fake_update(s, args, batch):
-    """One update of f; returns ({loss name: value}, grad norm) on the device."""
-    parts, norm = s.f.update(batch, s.micro, s.amp, args.grad_clip)
-    s.check.add("fake-model loss", sum(parts.values()), s.step)
-    return parts, norm
+# ---------------------------------------------------------------------------------------------
+# The two updates. Each is written out: for each micro-batch (gradient accumulation; all of the
+# batch by default) the loss and its backward pass, then gradient clipping and the optimizer
+# step. `player.forward` is the network being trained (inside DDP with several processes);
+# the other player is seen frozen, in eval mode. Returned: the loss terms (for the log) and the
+# pre-clip gradient norm, on the device.
+
+def fake_update(state, args, batch):
+    """One update of the fake model f: the inner max_f of eq. (18), i.e. minimise RealUM(f) of
+    eq. (17) (General RealUID: Appendix A.2), plus the GAN discriminator loss if asked."""
+    player, mb_terms, terms = state.fake_player, {}, {}
+    for mb, n, ddp_sync in player.micro_batches(batch, state.micro):
+        z, x_d, x0, t, y, s = mb["z"], mb["x_d"], mb["x0"], mb["t"], mb["y"], mb["s"]
+        with ddp_sync:
+            with state.amp:
+                with torch.no_grad():
+                    x_g = generate(state.gen_frozen, z, y, s, state.t_g)  # no graph
+                if state.general:
+                    loss = general_fake_model_loss(state.teacher, player.forward, x_g, x_d, x0,
+                                                   t, y, s, alpha=state.alpha, beta=state.beta,
+                                                   gamma=state.gamma)
+                else:
+                    weight = teachers.edm_weight(t) if args.fake_weight == "edm" else None
+                    loss = fake_model_loss(player.forward, x_g, x_d, x0, t, y, s,
+                                           alpha=state.alpha, beta=state.beta, weight=weight)
+                mb_terms["loss_fake"] = loss
+                if state.gan:  # eqs. (7)-(9): the discriminator head on f's encoder
+                    gan = gan_discriminator_loss(state.fake.forward_head, x_g, x_d, x0,
+                                                 mb["t_gan"], y, s)
+                    mb_terms["loss_gan_disc"] = gan
+                    loss = loss + args.gan_disc_coef * gan
+            player.backward(loss / n)
+        runs.add_terms(terms, mb_terms, n)
+    norm = player.clip(args.grad_clip)
+    player.step()
+    state.run.check.add("fake-model loss", sum(terms.values()), state.run.step)
+    return terms, norm
 
 
-def generator_update(s, args, batch):
-    """One update of G, then the EMAs; returns ({loss name: value}, grad norm) on the device."""
-    parts, norm = s.g.update(batch, s.micro, s.amp, args.grad_clip)
-    s.check.add("generator loss", sum(parts.values()), s.step)
+def generator_update(state, args, batch):
+    """One update of the generator G: the outer min_G of eq. (18) on its own batch (the
+    real-data terms do not depend on G), plus the non-saturating GAN loss if asked; then the
+    EMAs of G. Teacher and fake model are frozen; under --precision mixed both run in float32
+    (their difference is the gradient: see common.full_precision)."""
+    player, mb_terms, terms = state.gen_player, {}, {}
+    teacher, fake, head = state.teacher, state.fake_frozen, state.fake_frozen.forward_head
+    if args.precision == "mixed":
+        teacher, fake, head = (common.full_precision(m) for m in (teacher, fake, head))
+    for mb, n, ddp_sync in player.micro_batches(batch, state.micro):
+        z, x0, t, y, s = mb["z"], mb["x0"], mb["t"], mb["y"], mb["s"]
+        with ddp_sync:
+            with state.amp:
+                x_g = generate(player.forward, z, y, s, state.t_g)  # with its graph
+                if state.general or state.gen_gamma != state.alpha or args.gen_weight == "sid":
+                    sid = args.gen_weight == "sid"  # (1 - t)^2 / 2 / mean |x_g - D*|: SiD's
+                    loss = general_generator_loss(teacher, fake, x_g, x0, t, y, s,
+                                                  alpha=state.alpha, beta=state.beta,
+                                                  gamma=state.gen_gamma,
+                                                  weight=(1 - t) ** 2 / 2 if sid else None,
+                                                  normalize=sid)
+                else:
+                    loss = generator_loss(teacher, fake, x_g, x0, t, y, s,
+                                          alpha=state.alpha, beta=state.beta)
+                mb_terms["loss_gen"] = loss
+                if state.gan:
+                    gan = gan_generator_loss(head, x_g, x0, mb["t_gan"], y, s)
+                    mb_terms["loss_gan_gen"] = gan
+                    loss = loss + args.gan_gen_coef * gan
+            player.backward(loss / n)
+        runs.add_terms(terms, mb_terms, n)
+    norm = player.clip(args.grad_clip)
+    player.step()
+    state.run.check.add("generator loss", sum(terms.values()), state.run.step)
     for decay in args.ema:
-        common.ema_update(s.emas[common.ema_key(decay)], s.gen, decay)
-    return parts, norm
+        runs.ema_update(state.emas[common.ema_key(decay)], state.gen, decay)
+    return terms, norm
 
 
-def save(s, args, name="latest.pt"):
+def save(state, args, name="latest.pt"):
     """<out>/latest.pt (or best.pt), written atomically, in the authors' layout plus our config
     and resume state."""
-    ckpt = {"gen": s.gen.state_dict(), "u": s.fake.state_dict(),
-            "ema_gens": {k: m.state_dict() for k, m in s.emas.items()},
-            "optim_gen": s.g.opt.state_dict(), "optim_u": s.f.opt.state_dict(),
-            "sched": s.g.sched.state_dict(), "sched_u": s.f.sched.state_dict(), "step": s.step,
-            "config": {"kind": "distilled", "net": s.cfg, "gan_head": s.gan,
-                       "coupling": s.coupling,
+    run, gen, fake = state.run, state.gen_player, state.fake_player
+    ckpt = {"gen": state.gen.state_dict(), "u": state.fake.state_dict(),
+            "ema_gens": {k: m.state_dict() for k, m in state.emas.items()},
+            "optim_gen": gen.opt.state_dict(), "optim_u": fake.opt.state_dict(),
+            "sched": gen.sched.state_dict(), "sched_u": fake.sched.state_dict(),
+            "step": run.step,
+            "config": {"kind": "distilled", "net": state.cfg, "gan_head": state.gan,
+                       "coupling": state.coupling, "t_g": state.t_g,
                        "step_unit": f"{args.fake_steps} fake-model updates + 1 generator update",
-                       "teacher_fingerprint": s.teacher_fingerprint, "data": s.data_desc,
-                       "args": common.json_safe(vars(args))},
-            "scaler_gen": s.g.scaler.state_dict(), "scaler_u": s.f.scaler.state_dict(),
-            "rng": common.rng_state(s.noise_gen, s.d),
-            "data_batches": s.batches.consumed if s.batches else 0, "best_fid": s.best_fid,
-            "elapsed_s": s.log.elapsed()}
-    if s.d.main:
-        common.save_checkpoint(ckpt, os.path.join(args.out, name))
-        if name == "latest.pt" and args.snapshot_every and s.step % args.snapshot_every == 0:
-            common.save_checkpoint(ckpt, common.snapshot_name(args.out, s.step))
-    if name == "latest.pt":
-        s.last_saved = s.step
+                       "teacher_fingerprint": state.teacher_fingerprint,
+                       "data": state.data_desc, "args": common.json_safe(vars(args))},
+            "scaler_gen": gen.scaler.state_dict(), "scaler_u": fake.scaler.state_dict(),
+            "rng": runs.rng_state(state.noise, state.proc),
+            "data_batches": state.batches.consumed if state.batches else 0,
+            "best_fid": run.best_fid, "elapsed_s": run.log.elapsed()}
+    if state.proc.main:
+        runs.save_run_checkpoint(ckpt, args.out, name, run.step, args.snapshot_every)
 
 
 @torch.no_grad()
-def save_grids(s, args, z, y):
+def save_grids(state, args, z, y):
     """Grids of the raw and the first EMA generator from a fixed latent batch; for a coupling,
     rows source | output | target of 16 fixed data pairs."""
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    if s.coupling:
-        src, x1, labels = s.grid_pairs
-        c, n = s.coupling, len(src)
-        z, y = coupling.start(src, z[:n], c["kappa"], c["sigma"]), labels if s.cond else None
-    for name, net in (("gen", s.gen), (f"ema{args.ema[0]}", s.emas[common.ema_key(args.ema[0])])):
-        net.eval()
-        path = os.path.join(args.out, "samples", f"{s.step:07d}_{name}.png")
-        if s.coupling:
-            common.save_grid(torch.cat([src, generate(net, z, y, src), x1]), path, nrow=n)
+    if state.coupling:
+        src, x1, labels = state.grid_pairs
+        c, n = state.coupling, len(src)
+        z, y = coupling.start(src, z[:n], c["kappa"], c["sigma"]), labels if state.cond else None
+    ema = state.emas[common.ema_key(args.ema[0])]
+    for name, net in (("gen", state.gen_frozen), (f"ema{args.ema[0]}", ema)):
+        path = os.path.join(args.out, "samples", f"{state.run.step:07d}_{name}.png")
+        if state.coupling:
+            common.save_grid(torch.cat([src, generate(net, z, y, src, state.t_g), x1]), path,
+                             nrow=n)
         else:
-            common.save_grid(generate(net, z, y), path)
-    s.gen.train()
+            common.save_grid(generate(net, z, y, t_g=state.t_g), path)
 
 
 def main(args):
     check_args(args)
-    d = common.Dist(args.device)
-    s = setup(args, d)
-    common.configure_backends(d.device, args.precision, args.deterministic)
-    fid_eval = common.InTrainingFID(args, d.device, s.shape, s.cfg["num_classes"]) \
-        if args.fid_every and d.main else None
-    common.start_run(args, d)
-    if d.main:
-        mode = "data-free UID" if not s.uses_real else \
-            f"RealUID alpha={s.alpha} beta={s.beta}" + (
-                f" gamma={s.gamma} (General)" if s.general else "")
-        pairs = "" if not s.coupling else (
-            f", image-to-image {s.coupling['task'] or 'pairs file'} on the "
-            f"{s.coupling['path']} path")
-        print(f"{mode}{' + GAN' if s.gan else ''}; teacher {args.teacher} "
-              f"({'cond' if s.cond else 'uncond'} {'x'.join(map(str, s.shape))}{pairs}); "
-              f"device {d.device}, {d.world} process(es), {args.precision}")
-    grid_z = torch.randn(64, *s.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
-    grid_y = common.class_labels(64, s.cfg["num_classes"], device=d.device)
-    if d.main and args.sample_every and s.step == 0:
-        save_grids(s, args, grid_z, grid_y)  # the starting point z + v*(0, z), for comparison
+    proc = runs.Process(args.device)
+    state = setup(args, proc)
+    fid_eval = fid.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
+                                 state.shape, state.num_classes, args.fid_n,
+                                 args.fid_batch) if args.fid_every and proc.main else None
+    runs.start_run(args.out, vars(args), proc, fresh=not args.resume)
+    if proc.main:
+        mode = "data-free UID" if not state.uses_real else \
+            f"RealUID alpha={state.alpha} beta={state.beta}" + (
+                f" gamma={state.gamma} (General)" if state.general else "")
+        pairs = "" if not state.coupling else (
+            f", image-to-image {state.coupling['task'] or 'pairs file'} on the "
+            f"{state.coupling['path']} path")
+        print(f"{mode}{' + GAN' if state.gan else ''}; teacher {args.teacher} "
+              f"({'cond' if state.cond else 'uncond'} {'x'.join(map(str, state.shape))}{pairs});"
+              f" device {proc.device}, {proc.world} process(es), {args.precision}")
+    grid_z = torch.randn(64, *state.shape, generator=torch.Generator().manual_seed(0))
+    grid_z = grid_z.to(proc.device)
+    grid_y = common.class_labels(64, state.num_classes, device=proc.device)
+    run = state.run
+    if proc.main and args.sample_every and run.step == 0:
+        save_grids(state, args, grid_z, grid_y)  # the starting point z + v*(0, z), to compare
+    ema = state.emas[common.ema_key(args.ema[0])]
+    in_training_fid = (fid_eval, lambda z, y: generate(ema, z, y, t_g=state.t_g),
+                       f"EMA {args.ema[0]}, one step")
+    keys = ["loss_fake", "loss_gen"] + (["loss_gan_disc", "loss_gan_gen"] if state.gan else [])
+    running = {k: torch.zeros((), device=proc.device) for k in keys}
 
-    keys = ["loss_fake", "loss_gen"] + (["loss_gan_disc", "loss_gan_gen"] if s.gan else [])
-    running = {k: torch.zeros((), device=d.device) for k in keys}
-    s.log = log = common.RunLog(args.out, args.steps, s.step, s.elapsed, enabled=d.main)
-    with common.Control(args, d, s, "distill.py") as control:
-        while s.step < args.steps:
-            s.step += 1
+    # The RealUID loop (Appendix D, the official schedule): per step, --fake-steps (5) updates
+    # of f on the inner max of eq. (18), then 1 update of G on the outer min; each update
+    # draws fresh z, x0, t and a fresh real batch.
+    with run:
+        while run.step < args.steps:
+            run.step += 1
             for _ in range(args.fake_steps):
-                parts_f, norm_f = fake_update(s, args, draw(s, args))
-                for k, v in parts_f.items():
+                terms, norm_fake = fake_update(state, args, draw(state, args, args.fake_t))
+                for k, v in terms.items():
                     running[k] += v / args.fake_steps
-            parts_g, norm_g = generator_update(s, args, draw(s, args))
-            for k, v in parts_g.items():
+            terms, norm_gen = generator_update(state, args, draw(state, args, args.gen_t))
+            for k, v in terms.items():
                 running[k] += v
-
-            step = s.step
-            do_log, do_save, stop = control.due(step)
-            if do_log:
-                s.check.check(d, args.out, s.last_saved)
-                n = step - log.last_step  # steps since the last record (also after a resume)
-                values = {k: d.mean(v / n) for k, v in running.items()}
-                values.update(grad_norm_gen=norm_g, grad_norm_fake=norm_f,
-                              lr=s.g.sched.get_last_lr()[0])
-                log.step(step, values, d.device)
-                for v in running.values():
-                    v.zero_()
-            if d.main and args.sample_every and (step % args.sample_every == 0
-                                                 or step == args.steps):
-                save_grids(s, args, grid_z, grid_y)
-            if args.fid_every and step % args.fid_every == 0:
-                s.check.check(d, args.out, s.last_saved)
-                ema = s.emas[common.ema_key(args.ema[0])]
-                common.evaluate_fid(s, args, fid_eval, lambda z, y: generate(ema, z, y),
-                                    f"EMA {args.ema[0]}, one step", log, save)
-            if do_save:
-                s.check.check(d, args.out, s.last_saved)
-                save(s, args)
-            if stop:
-                d.close()
-                raise control.stopped(step)
-    d.close()
+            run.end_step(running, {"grad_norm_gen": norm_gen, "grad_norm_fake": norm_fake,
+                                   "lr": state.gen_player.sched.get_last_lr()[0]},
+                         grids=lambda: save_grids(state, args, grid_z, grid_y),
+                         save=lambda name: save(state, args, name), fid=in_training_fid)
+    proc.close()
 
 
 if __name__ == "__main__":

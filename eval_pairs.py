@@ -64,7 +64,7 @@ def score_pairs(args, device):
                               unet.PAPER_CONFIG)
     if not model.coupling:
         common.fail(f"{args.ckpt} is a noise-to-image model; eval_pairs.py scores image-to-image "
-                       "checkpoints (use `fid.py calc` on its samples)")
+                    "checkpoints (use `fid.py calc` on its samples)")
     run_args = model.ckpt.get("config", {}).get("args", {})
     teacher_path = args.teacher or (args.ckpt if model.kind == "teacher"
                                     else run_args.get("teacher"))

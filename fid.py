@@ -430,7 +430,7 @@ def pixel_frechet_distance(a, b):
 
 def local_weights(path=None):
     """The Inception weights file if it is here (--weights, or the torch hub cache), else None:
-    never downloads (for scores that are optional, such as `fid.py pairs`)."""
+    never downloads (for scores that are optional, such as eval_pairs.py's FID)."""
     if path is not None:
         return path
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)

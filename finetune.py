@@ -11,7 +11,9 @@ lr 1e-5, --warmup 0, alpha 0.94, beta 1.0, 16,667 steps (100k updates in all).
 The authors fine-tuned their best distilled checkpoint (EMA 0.999 uncond, 0.9999 cond: pass
 --init-ema 0.9999) and released the result (FID 1.91 uncond / 1.77 cond at EMA 0.9999).
 """
+import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import common
+import runs
 import distill
 
 
@@ -24,7 +26,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = common.parse_run_args(build_parser(), argv, "finetune.py", distill.INIT_HINT)
+    args = runs.parse_run_args(build_parser(), argv, "finetune.py", distill.INIT_HINT,
+                                "distilled")
     if not args.init_from and not args.resume:
         common.fail("--init-from is required: the distilled checkpoint whose generator to "
                     "fine-tune")

@@ -13,7 +13,7 @@ class-conditional models) that fid.py reads, and/or a PNG grid.
     # ... or corrupt held-out images with the model's own task (the grid shows the targets)
     python sample.py --ckpt runs/sr4/latest.pt --data heldout.npz --n 16 --out sr.png
 
-Conventions: the generator maps noise z to x = z + G(0, z, y) (distill.generate, Appendix D);
+Conventions: the generator maps noise z to x = z + G(0, z, y) (flow.generate, Appendix D);
 the teacher integrates dx/dt = v*(t, x, y) from t = 0 (x = z) to t = 1, so a teacher sampled with
 --nfe 1 gives exactly the generator's starting point z + v*(0, z). The authors' own sampler runs
 torchdyn Euler on 100 time points, i.e. 99 steps; `--nfe 99` reproduces it.
@@ -22,6 +22,7 @@ Images are quantised as in the paper's FID protocol (fid.py). Labels are balance
 Image i depends only on (--seed, i), not on the batch size. An image-to-image model starts from
 kappa s + sigma_s eps (coupling.py) with eps the noise of (--seed, i).
 """
+import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import argparse
 import os
 
@@ -30,18 +31,8 @@ import torch
 
 import common
 import coupling
-import distill
-
-
-@torch.no_grad()
-def euler(v, x0, y=None, s=None, *, nfe=100):
-    """Integrate dx/dt = v(t, x, y[, s]) from t = 0 (x = x0: noise, or a coupling's start) to
-    t = 1 (data) with nfe Euler steps."""
-    x, h = x0, 1.0 / nfe
-    for i in range(nfe):
-        t = torch.full((len(x0),), i * h, device=x0.device, dtype=x0.dtype)
-        x = x + h * distill.field(v, t, x, y, s).to(x.dtype)
-    return x
+import teachers
+from flow import euler, generate
 
 
 def latents(seed, start, n, shape):
@@ -54,28 +45,48 @@ def latents(seed, start, n, shape):
 
 
 def load_model(path, ema, fallback_cfg):
-    """A checkpoint's network, ours or the authors': a namespace with `net`, `kind`
-    ('distilled': the generator's weights, or 'teacher'), `ema` (the EMA decay used, None for
-    raw weights; 'first' asks for the first EMA the file tracks), `coupling` (the image-to-image
-    coupling of its config, None for noise-to-image models) and `ckpt` (the loaded file)."""
+    """A checkpoint's network, ours, the authors' or an EDM pickle: a namespace with `net`,
+    `kind` ('distilled': the generator's weights, or 'teacher'), `ema` (the EMA decay used,
+    None for raw weights; 'first' asks for the first EMA the file tracks), `coupling` (the
+    image-to-image coupling of its config, None for noise-to-image models), `t_g` (a
+    generator's start time, flow.generate) and `ckpt` (the loaded file; {} for a pickle).
+    Teachers are read by teachers.load_teacher."""
+    if os.path.isdir(path):  # a run folder, as --resume takes it
+        path = os.path.join(path, "latest.pt")
+    if path.endswith(teachers.EDM_SUFFIXES):
+        net = teachers.load_teacher(path)
+        return argparse.Namespace(net=net, kind="teacher", ema=None, ckpt={}, coupling=None,
+                                  t_g=0.0)
     ckpt = common.load_checkpoint(path, "checkpoint")
     kind = common.checkpoint_kind(ckpt)
     if kind is None:
         common.fail(f"{path} holds neither a teacher (net_model/ema_models) nor a generator "
                     f"(gen/ema_gens); keys: {sorted(ckpt)}")
     ema = common.first_ema(ckpt) if ema == "first" else ema
-    sd = common.pick_weights(ckpt, ema, path)
-    cfg = common.net_config_from(ckpt, sd, fallback_cfg)
-    net = common.build_net(cfg, sd, dropout=0.0, what=f"weights in {path}")
+    if kind == "teacher":
+        net = teachers.load_teacher(path, "raw" if ema is None else ema, fallback=fallback_cfg)
+    else:
+        sd = common.pick_weights(ckpt, ema, path)
+        cfg = common.net_config_from(ckpt, sd, fallback_cfg)
+        net = teachers.build(cfg, sd, dropout=0.0, what=f"weights in {path}")
+    config = ckpt.get("config", {})
     return argparse.Namespace(net=net, kind=kind, ema=ema, ckpt=ckpt,
-                              coupling=ckpt.get("config", {}).get("coupling"))
+                              coupling=config.get("coupling"), t_g=config.get("t_g", 0.0))
 
 
-def one_pass(model, z, y=None, s=None, nfe=100):
-    """A generator in one step (distill.generate) or a teacher with nfe Euler steps, from z."""
+def one_pass(model, z, y=None, s=None, nfe=100, sampler="euler"):
+    """A generator in one step (flow.generate), or a teacher with nfe Euler steps in t (a
+    diffusion teacher: on its range of t, flow.euler) or EDM's Heun sampler with about nfe
+    denoiser evaluations (teachers.edm_heun), from z."""
     if model.kind == "distilled":
-        return distill.generate(model.net, z, y, s)
-    return euler(model.net, z, y, s, nfe=nfe)
+        return generate(model.net, z, y, s, model.t_g)
+    if sampler == "heun":
+        if not teachers.is_diffusion(model.net):
+            common.fail("--sampler heun is EDM's sampler for diffusion teachers; sample a "
+                        "flow-matching teacher with --sampler euler")
+        return teachers.edm_heun(model.net, z, y, steps=(nfe + 1) // 2)
+    t0, t1 = getattr(model.net, "t_min", 0.0), getattr(model.net, "t_max", 1.0)
+    return euler(model.net, z, y, s, nfe=nfe, t0=t0, t1=t1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,32 +136,35 @@ def read_sources(path, shape):
 
 def held_out_pairs(data_path, coupling_cfg, shape, n, seed, data_root="./data"):
     """(sources, targets, labels or None) of the first n images of --data: a pairs file's own
-    sources, or the model's task applied to the clean images (denoise noise from `seed`)."""
+    sources, or the model's task applied to the clean images (denoise noise from `seed`).
+    Sources are float in the network's range, exactly as training feeds them (a denoise
+    source x1 + 0.2 n is neither clipped nor quantised); targets are uint8."""
     data = common.open_data(data_path, data_root, shape[-1])
     if tuple(data.shape) != tuple(shape):
         common.fail(f"--data images are {'x'.join(map(str, data.shape))} but the model "
                     f"translates {'x'.join(map(str, shape))} images")
     coupling.for_student(coupling_cfg, None, data, "of this checkpoint")
     x_u8, labels, src_u8 = data.get(list(range(min(n or len(data), len(data)))))
-    if src_u8 is None:
-        x1 = common.from_uint8(x_u8)
-        noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
-        src_u8 = common.to_uint8(coupling.corrupt(x1, coupling_cfg["task"], noise))
-    return src_u8, x_u8, labels
+    if src_u8 is not None:
+        return common.from_uint8(src_u8), x_u8, labels
+    x1 = common.from_uint8(x_u8)
+    noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    return coupling.corrupt(x1, coupling_cfg["task"], noise), x_u8, labels
 
 
 @torch.no_grad()
-def translate(model, src_u8, labels, per_source, seed, batch_size, device, amp, nfe):
-    """Outputs uint8 [N * per_source, C, H, W] for sources uint8 [N, C, H, W], source-major:
-    output i * K + k is the k-th translation of source i, from the start kappa s + sigma eps
-    with eps the noise of (seed, i * K + k), so it depends neither on the batch size nor on N."""
+def translate(model, sources, labels, per_source, seed, batch_size, device, amp, nfe):
+    """Outputs uint8 [N * per_source, C, H, W] for float sources [N, C, H, W] (the network's
+    range, as held_out_pairs gives them), source-major: output i * K + k is the k-th
+    translation of source i, from the start kappa s + sigma eps with eps the noise of
+    (seed, i * K + k), so it depends neither on the batch size nor on N."""
     c = model.coupling
-    src_all = src_u8.repeat_interleave(per_source, 0)
+    src_all = sources.repeat_interleave(per_source, 0)
     y_all = None if labels is None else labels.repeat_interleave(per_source, 0)
     out = []
     for lo in range(0, len(src_all), batch_size):
         hi = min(len(src_all), lo + batch_size)
-        s = common.from_uint8(src_all[lo:hi]).to(device)
+        s = src_all[lo:hi].to(device)
         z = coupling.start(s, latents(seed, lo, hi - lo, s.shape[1:]).to(device), c["kappa"],
                            c["sigma"])
         y = None if y_all is None else y_all[lo:hi].to(device)
@@ -158,6 +172,10 @@ def translate(model, src_u8, labels, per_source, seed, batch_size, device, amp, 
             x = one_pass(model, z, y, s, nfe)
         out.append(common.to_uint8(x.float()).cpu())
     return torch.cat(out)
+
+
+NET_FLAGS = ("num_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+             "num_heads", "num_head_channels")
 
 
 def ema_choice(text):
@@ -182,6 +200,9 @@ def build_parser():
                    help="image i uses the noise of (seed, i)")
     p.add_argument("--nfe", type=common.positive_int, default=100,
                    help="Euler steps for a teacher (ignored for a one-step generator)")
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler",
+                   help="a teacher's sampler: Euler in t, or EDM's Heun sampler for a diffusion "
+                        "teacher (--nfe 35: EDM's 18 steps)")
     p.add_argument("--label", type=common.count, default=None,
                    help="class of every image (conditional models; default: balanced)")
     p.add_argument("--batch-size", type=common.positive_int, default=500,
@@ -190,6 +211,7 @@ def build_parser():
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision of the network")
     p.add_argument("--nrow", type=common.positive_int, default=None, help="images per grid row")
+    common.add_threads_arg(p)
     g = p.add_argument_group("image-to-image models (Appendix C): what to translate")
     g.add_argument("--source", default=None,
                    help="sources to translate: an .npz (its `source` array, else `images`; a "
@@ -210,7 +232,10 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = common.given_flags(parser, argv)
+    return args
 
 
 def write_npz(path, **arrays):
@@ -233,6 +258,12 @@ def main(args):
     cfg = model.net.config
     shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
     amp = common.precision_context(device, args.precision)
+    given = getattr(args, "given", set())
+    if "nfe" in given and model.kind == "distilled":
+        print("note: --nfe ignored: a distilled generator samples in one step")
+    net_flags = [f"--{k.replace('_', '-')}" for k in sorted(given & {"image_size", *NET_FLAGS})]
+    if net_flags and "config" in model.ckpt:
+        print(f"note: {', '.join(net_flags)} ignored: the checkpoint describes its own network")
     what = (f"{'one-step' if model.kind == 'distilled' else f'{args.nfe}-step'} samples from "
             f"{args.ckpt} ({'raw' if model.ema is None else f'EMA {model.ema}'} weights)")
     if model.coupling:
@@ -251,7 +282,7 @@ def main(args):
         z = latents(args.seed, lo, hi - lo, shape).to(device)
         y = None if labels is None else labels[lo:hi].to(device)
         with amp:
-            x = one_pass(model, z, y, nfe=args.nfe)
+            x = one_pass(model, z, y, nfe=args.nfe, sampler=args.sampler)
         images.append(common.to_uint8(x.float()).cpu())
         if n > args.batch_size:
             print(f"\r{hi}/{n} images", end="", flush=True)
@@ -278,7 +309,7 @@ def main_pairs(args, model, shape, device, amp, what):
     if args.source:
         src, targets, labels = read_sources(args.source, shape)
         n = min(args.n or len(src), len(src))
-        src, targets = src[:n], None if targets is None else targets[:n]
+        src, targets = common.from_uint8(src[:n]), None if targets is None else targets[:n]
         labels = None if labels is None else labels[:n]
     else:
         src, targets, labels = held_out_pairs(args.data, model.coupling, shape, args.n,
@@ -290,6 +321,7 @@ def main_pairs(args, model, shape, device, amp, what):
         labels = None
     k = args.per_source
     images = translate(model, src, labels, k, args.seed, args.batch_size, device, amp, args.nfe)
+    src = common.to_uint8(src)  # shown and saved as an image (a denoise source is clipped here)
     rep = lambda v: None if v is None else v.repeat_interleave(k, 0)  # noqa: E731
     for out in args.out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

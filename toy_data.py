@@ -7,6 +7,7 @@ Each image is one filled shape (square, disc, plus or triangle: the class label)
 colours, at a random size and position, on a dark background with a little pixel noise. The
 .npz holds uint8 `images` [N, H, W, 3] and int64 `labels` [N], the format every script reads.
 """
+import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import os
 
 import numpy as np
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=common.positive_int, default=4096, help="number of images")
     p.add_argument("--size", type=common.positive_int, default=16, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (use another for held-out)")
+    common.add_threads_arg(p)
     return p.parse_args(argv)
 
 

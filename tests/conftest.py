@@ -2,10 +2,17 @@
 import os
 import sys
 
+# One thread per test process (and per command the tests start): the tiny networks gain
+# nothing from more, and on a shared 2-core machine PyTorch's default threads oversubscribe
+# the cores several times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
 
+torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -2,7 +2,7 @@
 corruptions against hand computations, pairs files, a coupling teacher and its distillation for
 both paths (cond-fm with a class-conditional pairs file, bridge with a built-in task), resume,
 the data-free setting that never reads the targets, sample.py's translations and
-`fid.py pairs`, and the one-line errors. The losses' closed forms are in
+eval_pairs.py, and the one-line errors. The losses' closed forms are in
 test_coupling_losses.py."""
 import json
 import math
@@ -15,7 +15,7 @@ import torch
 import common
 import coupling
 import distill
-import fid
+import eval_pairs
 import finetune
 import sample
 import train_teacher
@@ -139,7 +139,7 @@ def test_teacher_checkpoint_records_the_coupling(coupling_teachers):
 def test_distill_resume_finetune_sample_score(coupling_teachers, pair_files, tmp_path, path):
     """RealUID + GAN on a coupling: a split run resumed with --resume RUN_DIR alone equals a
     straight one; fine-tuning, sampling (--data and --source, several per source) and
-    `fid.py pairs` run on the result."""
+    eval_pairs.py run on the result."""
     data = pair_files / ("clean.npz" if path == "bridge" else "pairs.npz")
     base = ["--teacher", coupling_teachers[path], "--teacher-ema", 0.9, "--data", data,
             "--alpha", 0.94, "--beta", 0.96, "--gan-gen-coef", 0.3, "--gan-disc-coef", 1.0,
@@ -170,7 +170,7 @@ def test_distill_resume_finetune_sample_score(coupling_teachers, pair_files, tmp
                  tmp_path / "u.npz"])
     with np.load(tmp_path / "u.npz") as f:
         assert f["images"].shape == (3, 8, 8, 3)
-    table = run(fid, ["pairs", "--ckpt", gen, "--data", held, "--n", 16, "--nfe", 3,
+    table = run(eval_pairs, ["--ckpt", gen, "--data", held, "--n", 16, "--nfe", 3,
                       "--device", "cpu", "--out", tmp_path / "score.json"])
     assert list(table)[:3] == ["source itself", "one-step start x0 + v*(0, x0, s)",
                                "teacher, 3 Euler steps"]

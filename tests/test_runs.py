@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import common
+import runs
 import distill
 import fid
 import sample
@@ -180,7 +181,7 @@ def test_save_every_zero_and_status_lines(teachers, tiny_data, tmp_path, monkeyp
     saved = []
     real_save = distill.save
     monkeypatch.setattr(distill, "save", lambda s, a, name="latest.pt": (
-        saved.append((s.step, name)), real_save(s, a, name)))
+        saved.append((s.run.step, name)), real_save(s, a, name)))
     out = tmp_path / "run"
     run(distill, distill_argv(teachers["uncond"], tiny_data["uncond"], out, 4,
                               "--save-every", 0, "--save-minutes", 0, "--log-every", 100,
@@ -199,7 +200,7 @@ def test_run_log_rate_and_eta(tmp_path, monkeypatch, capsys):
     """Speed and ETA from the average since the (re)start, s/it below one step a second."""
     clock = iter([100.0, 110.0, 130.0])  # the start, then two records
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
-    log = common.RunLog(str(tmp_path), total_steps=50, start_step=10, elapsed=5.0)
+    log = runs.RunLog(str(tmp_path), total_steps=50, start_step=10, elapsed=5.0)
     log.step(11, {"loss": 1.0}, torch.device("meta"))   # 1 step in 10 s
     log.step(14, {"loss": 2.0}, torch.device("meta"))   # 4 steps in 30 s: 7.5 s/step average
     out = capsys.readouterr().out.splitlines()
@@ -343,22 +344,22 @@ def test_continue_the_authors_distilled_checkpoint(tmp_path, tiny_data, capsys):
                                "--lr", 1e-3, "--warmup", 3, "--ema", 0.999, "--steps", 5,
                                "--out", tmp_path / "ours", *TINY_NET, *FAST])
     assert args.from_authors
-    s = distill.setup(args, common.Dist("cpu"))
+    s = distill.setup(args, runs.Process("cpu"))
     note = capsys.readouterr().out
-    assert s.step == 13 // 6 == 2 and "their 13 updates = step 2 here" in note
+    assert s.run.step == 13 // 6 == 2 and "their 13 updates = step 2 here" in note
     assert "not restored: RNG states and data position" in note
-    assert not any(g["maximize"] for g in s.f.opt.param_groups)
-    assert s.g.sched.last_epoch == authors.sched_g.last_epoch == 2
-    assert s.g.opt.param_groups[0]["lr"] == authors.opt_g.param_groups[0]["lr"]
+    assert not any(g["maximize"] for g in s.fake_player.opt.param_groups)
+    assert s.gen_player.sched.last_epoch == authors.sched_g.last_epoch == 2
+    assert s.gen_player.opt.param_groups[0]["lr"] == authors.opt_g.param_groups[0]["lr"]
 
     # One more update of each player on the same batch. Adam's state after it is the sharp
     # witness of "the same update" (see test_scale.py: with beta1 = 0, weights whose gradient
     # is rounding noise move by +-lr on either side); it must agree to rounding, which it
     # cannot if the moments were not kept or the sign of the fake model's gradient was wrong.
     for name, theirs, ours, update in (
-            ("fake model", authors.opt_u, s.f.opt, lambda b: (authors.fake_update(b),
+            ("fake model", authors.opt_u, s.fake_player.opt, lambda b: (authors.fake_update(b),
                                                               distill.fake_update(s, args, b))),
-            ("generator", authors.opt_g, s.g.opt, lambda b: (authors.gen_update(b),
+            ("generator", authors.opt_g, s.gen_player.opt, lambda b: (authors.gen_update(b),
                                                              distill.generator_update(s, args,
                                                                                       b)))):
         before = torch.cat([v["exp_avg"].flatten() for v in ours.state.values()]).clone()

@@ -1,0 +1,845 @@
+"""What only the training scripts need: processes (DDP), the seeded noise and data order, the
+optimisation players, runs on disk (args.json, metrics.jsonl, checkpoints' resume state), the
+rules of --resume and the handling of SIGINT / SIGTERM.
+
+Sampling and FID never import this module (they need only common.py). The conventions:
+
+- randomness: one seeded generator draws every per-update random tensor for the *global* batch,
+  and each process / micro-batch takes its slice, so that one process, several processes and
+  gradient accumulation see identical noise and data (this is what makes them comparable);
+- a run lives in its --out folder: args.json, metrics.jsonl, latest.pt (atomic), best.pt,
+  samples/; --resume RUN_DIR continues it exactly, with its own flags.
+"""
+import atexit
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+import weakref
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import (Interrupted, _number, add_threads_arg, given_flags, count, decay, fail, json_safe,
+                    checkpoint_kind, load_checkpoint,
+                    nonnegative_float, peak_memory_mb, pick_device, positive_float,
+                    positive_int, save_checkpoint, to_device)
+
+
+class Process:
+    """Rank, world size and device of this process; torchrun sets the environment."""
+
+    def __init__(self, device_name=None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = pick_device(device_name)
+        if self.world > 1 and device.type in ("cuda", "npu"):
+            device = torch.device(device.type, local_rank)
+            getattr(torch, device.type).set_device(device)
+        self.device = device
+        self.cpu_group = None
+        if self.world > 1:
+            if not dist.is_initialized():
+                backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            # The once-per-step agreement on logging, saving and stopping (Control) runs on the
+            # CPU, so that it never waits for the accelerator's queue.
+            self.cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" \
+                else dist.group.WORLD
+        self.main = self.rank == 0
+
+    def split(self, global_batch, grad_accum):
+        """Per-process micro-batch size; the global batch must split evenly."""
+        parts = self.world * grad_accum
+        if global_batch % parts:
+            fail(f"--batch-size {global_batch} does not split into {self.world} processes x "
+                 f"--grad-accum {grad_accum}; choose a multiple of {parts}")
+        return global_batch // parts
+
+    def mean(self, x):
+        """Average of a tensor over processes (for logged values)."""
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+            x /= self.world
+        return x
+
+    def agree(self, *flags):
+        """Each flag true on every process if it is true on any (one small CPU all-reduce)."""
+        if self.world == 1:
+            return flags
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return tuple(bool(v) for v in t.tolist())
+
+    def broadcast(self, value):
+        """rank 0's python value on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        """Leave the process group together: a rank that tears down its connections while
+        another still uses them makes gloo abort ("terminate called without an active
+        exception")."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier(group=self.cpu_group)
+            dist.destroy_process_group()
+
+
+def seed_init(seed):
+    """Seed weight initialisation: the same on every process, so all start from equal weights."""
+    torch.manual_seed(seed)
+
+
+def seed_dropout(seed, rank):
+    """After initialisation the global RNG only drives dropout: a different stream per process."""
+    torch.manual_seed(seed + 1 + rank)
+
+
+def noise_generator(device, seed):
+    """The generator of all per-update noise (same on every rank, sliced per rank)."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:  # a backend without device generators: draw on the CPU
+        return torch.Generator().manual_seed(seed)
+
+
+def randn(gen, shape, device):
+    return torch.randn(shape, generator=gen, device=gen.device).to(device, non_blocking=True)
+
+
+def rand(gen, shape, device):
+    return torch.rand(shape, generator=gen, device=gen.device).to(device, non_blocking=True)
+
+
+def randint(gen, high, shape, device):
+    return torch.randint(high, shape, generator=gen, device=gen.device).to(device)
+
+
+def rank_slice(tensors, proc):
+    """This process's rows of tensors drawn for the global batch (None stays None)."""
+    return {k: (None if v is None else v.chunk(proc.world)[proc.rank])
+            for k, v in tensors.items()}
+
+
+def micro_batches(tensors, micro):
+    """Successive micro-batches of size `micro` of a dict of per-process tensors."""
+    n = len(next(v for v in tensors.values() if v is not None))
+    for lo in range(0, n, micro):
+        yield {k: (None if v is None else v[lo:lo + micro]) for k, v in tensors.items()}
+
+
+class Batches:
+    """Global batches of data indices in a seeded order, epoch after epoch (drop last).
+
+    Every process walks the same sequence and loads only its slice of each global batch, so a
+    run with N processes sees exactly the data of a one-process run; `consumed` is saved in
+    checkpoints so that a resumed run continues with the very next batch.
+    """
+
+    def __init__(self, data, global_batch, seed, proc, workers=0, consumed=0):
+        if len(data) < global_batch:
+            fail(f"the data has {len(data)} images, fewer than one batch of {global_batch}; "
+                 "lower --batch-size or add data")
+        self.data, self.batch, self.seed, self.proc = data, global_batch, seed, proc
+        self.consumed = consumed
+        self.per_rank = global_batch // proc.world
+        self._epoch = self._order = None
+        self.loader = None
+        if data.folder is not None and workers > 0:
+            self.loader = iter(torch.utils.data.DataLoader(
+                data.folder, batch_sampler=self._rank_indices(), num_workers=workers,
+                pin_memory=proc.device.type == "cuda", persistent_workers=True,
+                worker_init_fn=_ignore_stop_signals,
+                # its own generator: the loader's seed for its workers would otherwise be
+                # drawn from the global RNG, whose stream the run's noise relies on, and a
+                # run with workers (or resumed with them) would differ from one without
+                generator=torch.Generator().manual_seed(seed)))
+            # The workers ignore SIGTERM, so multiprocessing's own exit hook (terminate, then
+            # join) would wait for them forever: shut them down first, on every way out of
+            # the process (atexit hooks run last-registered first).
+            atexit.register(_close_batches, weakref.ref(self))
+
+    def _global_indices(self, k):
+        per_epoch = len(self.data) // self.batch
+        epoch, i = divmod(k, per_epoch)
+        if self._epoch != epoch:  # one permutation per epoch, not one per batch
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        return self._order[i * self.batch:(i + 1) * self.batch]
+
+    def _rank_indices(self):
+        k = self.consumed
+        while True:
+            lo = self.proc.rank * self.per_rank
+            yield self._global_indices(k)[lo:lo + self.per_rank].tolist()
+            k += 1
+
+    def next(self):
+        """This process's slice of the next global batch on the device: uint8 images, labels
+        (or None) and, for a pairs file, uint8 sources (or None).
+        On CUDA the host copies are page-locked, so the transfer runs asynchronously (a copy
+        from pageable memory would make the host wait for the device's queue)."""
+        src = None
+        if self.loader is not None:
+            x, y = next(self.loader)
+            y = y if self.data.has_labels else None
+        else:
+            lo = self.proc.rank * self.per_rank
+            x, y, src = self.data.get(self._global_indices(self.consumed)[lo:lo + self.per_rank])
+        self.consumed += 1
+        device = self.proc.device
+        return to_device(x, device), to_device(y, device), to_device(src, device)
+
+    def close(self):
+        """Stop the loader workers (idempotent; the data cannot be read afterwards)."""
+        if self.loader is not None:
+            self.loader._shutdown_workers()
+            self.loader = None
+
+
+def _close_batches(ref):
+    batches = ref()
+    if batches is not None:
+        batches.close()
+
+
+def _ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes its step
+    with them (a terminal's Ctrl-C reaches every process of the group); they still exit when
+    the main process dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def describe_data(data):
+    """What a resumed run checks of its data (None: no data used): size, image shape and a
+    content fingerprint (common.data_fingerprint), so that the same data moved elsewhere is
+    accepted and other data of the same shape is not."""
+    if data is None:
+        return None
+    return {"n": len(data), "shape": list(data.shape), "content": data.fingerprint()}
+
+
+def check_same_inputs(saved_config, teacher_fingerprint, data_desc, path):
+    """A resumed run must see the teacher and data of the run (files may have moved). Runs
+    saved before the data's content was recorded are checked on size and shape."""
+    saved = saved_config.get("teacher_fingerprint")
+    if saved and saved != teacher_fingerprint:
+        fail(f"--teacher is not the teacher {path} was trained with (weights differ); pass the "
+             "original teacher file")
+    saved = saved_config.get("data", "unrecorded")
+    if saved == "unrecorded":
+        return
+    now = data_desc
+    if isinstance(saved, dict) and "content" not in saved and isinstance(now, dict):
+        now = {k: v for k, v in now.items() if k != "content"}
+    if saved != now:
+        what = "content differs" if isinstance(saved, dict) and isinstance(now, dict) and \
+            saved.get("shape") == now.get("shape") and saved.get("n") == now.get("n") else \
+            f"it had {saved}, now {now}"
+        fail(f"--data is not the data {path} was trained with ({what}); pass the original "
+             "data")
+
+
+def rng_state(gen, proc):
+    """RNG states for an exact resume: the shared noise generator and each process's own."""
+    own = {"torch": torch.get_rng_state()}
+    if proc.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(proc.device)
+    per_rank = [own]
+    if proc.world > 1:
+        per_rank = [None] * proc.world
+        dist.all_gather_object(per_rank, own)
+    return {"noise": gen.get_state(), "per_rank": per_rank}
+
+
+def set_rng_state(state, gen, proc, path="the checkpoint"):
+    try:
+        gen.set_state(state["noise"])
+    except RuntimeError:
+        fail(f"{path} drew its noise on another kind of device than {gen.device.type}; resume "
+             "it on the device type it was trained on (--device), or start a new run from its "
+             "weights with --init-from")
+    if len(state["per_rank"]) != proc.world:  # a resume on another process count
+        return
+    own = state["per_rank"][proc.rank]
+    torch.set_rng_state(own["torch"])
+    if "cuda" in own and proc.device.type == "cuda":
+        torch.cuda.set_rng_state(own["cuda"], proc.device)
+
+
+def adam(params, lr, betas, device):
+    """Adam with the multi-tensor (or fused CUDA) kernels instead of a per-tensor loop."""
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=lr, betas=betas, **kind)
+
+
+def warmup(optimizer, steps):
+    """Linear warm-up: update k = 1, 2, ... uses lr * min(1, k / steps) (steps = 0: none)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / steps) if steps > 0 else 1.0)
+
+
+@torch.no_grad()
+def ema_update(ema_net, net, decay):
+    """ema <- decay * ema + (1 - decay) * net, all tensors in one multi-tensor op."""
+    torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
+
+
+class Player:
+    """A trained network with its optimizer (Adam), linear warm-up and gradient scaler.
+
+    `net` holds the weights (EMAs, checkpoints, sampling and the other player read it);
+    `forward` is what the player's own loss calls: the network itself, inside
+    DistributedDataParallel with several processes (gradient buckets all-reduced while the
+    backward pass runs) and compiled with `compile_mode`. The update itself is written out in
+    the stage scripts: for each micro-batch of `micro_batches` the loss, `backward`; then `clip`
+    and `step`.
+    """
+
+    def __init__(self, net, lr, betas, warmup_steps, proc, compile_mode=None, fp16=False):
+        self.net, self.params, self.ddp = net, list(net.parameters()), None
+        self.forward = net
+        if proc.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[proc.device.index] if proc.device.type == "cuda" else None,
+                broadcast_buffers=False)
+            self.forward = self.ddp
+        if compile_mode:
+            self.forward = torch.compile(self.forward, mode=None if compile_mode == "default"
+                                         else compile_mode)
+        self.opt = adam(self.params, lr, betas, proc.device)
+        self.sched = warmup(self.opt, warmup_steps)
+        self.scaler = torch.amp.GradScaler(proc.device.type, enabled=fp16)
+
+    def micro_batches(self, batch, micro):
+        """Gradient accumulation: (micro-batch, number of micro-batches, DDP context) for each
+        micro-batch of `micro` rows. Divide each loss by the number, so that the update is that
+        of the mean over the batch; with several processes the gradients are all-reduced only
+        in the backward pass of the last one (the context is DDP's no_sync for the others)."""
+        chunks = list(micro_batches(batch, micro))
+        for i, mb in enumerate(chunks):
+            last = i == len(chunks) - 1
+            yield mb, len(chunks), (self.ddp.no_sync() if self.ddp is not None and not last
+                                    else contextlib.nullcontext())
+
+    def backward(self, loss):
+        """loss.backward(), through the fp16 gradient scaler (a no-op at other precisions)."""
+        self.scaler.scale(loss).backward()
+
+    def clip(self, max_norm):
+        """Clip the gradients' global norm to max_norm; returns the norm before clipping (on the
+        device: read it at log steps only, no synchronisation here)."""
+        self.scaler.unscale_(self.opt)
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+
+    def step(self):
+        """The optimizer step (skipped by the fp16 scaler after inf gradients), the warm-up
+        schedule's step, and zeroed gradients for the next update."""
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads, by design
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def add_terms(total, terms, n):
+    """total[name] += term / n for each loss term of a micro-batch (detached: for the log)."""
+    for k, v in terms.items():
+        total[k] = total.get(k, 0) + v.detach() / n
+    return total
+
+
+def frozen_alias(net):
+    """A second module on `net`'s very parameter storage that never requires grad: the other
+    player's view of a network. Updates of `net` show through, no parameter gradients are
+    computed through it, and DDP (which wraps `net`) never sees it. Make it after `net` has
+    its final device and memory format (moving a module gives it new storage)."""
+    if "edm" in net.config:  # a diffusion network (teachers.DenoiserField): copied, then shared
+        alias = copy.deepcopy(net)
+    else:
+        with torch.device("meta"):
+            alias = type(net)(**net.config)
+    alias.load_state_dict(net.state_dict(), assign=True)
+    # eval mode: the other player's dropout is off, as in the authors' code
+    return alias.requires_grad_(False).eval()
+
+
+class FiniteCheck:
+    """NaN/inf losses without a host synchronisation per update: each update records, on the
+    device, the first step at which a loss was not finite; `check` reads the record (at log
+    and save steps), so a bad run stops there and never overwrites a good checkpoint."""
+
+    def __init__(self):
+        self.first = {}  # name -> (step, value) of the first non-finite value, step inf if none
+
+    def add(self, name, value, step):
+        value = value.detach().double()
+        if name not in self.first:
+            self.first[name] = (torch.full((), math.inf, dtype=torch.float64,
+                                           device=value.device), torch.zeros_like(value))
+        first_step, first_value = self.first[name]
+        bad = ~torch.isfinite(value) & torch.isinf(first_step)
+        first_step.copy_(torch.where(bad, float(step), first_step))
+        first_value.copy_(torch.where(bad, value, first_value))
+
+    def check(self, proc, out, last_saved):
+        for name, (first_step, first_value) in self.first.items():
+            step = first_step.clone()
+            if proc.world > 1:
+                dist.all_reduce(step, op=dist.ReduceOp.MIN)
+            if math.isfinite(step.item()):
+                kept = (f"the last good checkpoint is {out}/latest.pt (step {last_saved})"
+                        if last_saved else "no checkpoint was written")
+                fail(f"the {name} is {first_value.item()} at step {int(step.item())}; stopped "
+                     f"without saving; {kept}; lower --lr or check the inputs")
+
+
+class RunLog:
+    """Status lines on the console and the same records in <out>/metrics.jsonl (main rank).
+
+    Speed and ETA come from the average rate since this process started (or resumed), not
+    from the last interval; records carry the wall-clock time and the run's elapsed training
+    time (continued across resumes)."""
+
+    def __init__(self, out, total_steps, start_step, elapsed=0.0, enabled=True):
+        self.out, self.total, self.enabled = out, total_steps, enabled
+        self.start_step, self.last_step, self.elapsed_before = start_step, start_step, elapsed
+        self.path = os.path.join(out, "metrics.jsonl")
+        self.start_clock()
+
+    def start_clock(self):
+        """Training time and speed count from now."""
+        self.start_time = self.last_time = time.perf_counter()
+
+    def elapsed(self, now=None):
+        """Seconds of training in this run so far (until perf_counter `now`), resumes
+        included."""
+        return self.elapsed_before + (time.perf_counter() if now is None else now) - \
+            self.start_time
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, step, values, device):
+        """One status line: step, each value, speed, ETA, peak memory; the same record in
+        metrics.jsonl with `sec_per_step` (since the last record), `time`, `elapsed_s`."""
+        now = time.perf_counter()
+        sec = (now - self.last_time) / max(1, step - self.last_step)
+        self.last_time, self.last_step = now, step
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()},
+                  "sec_per_step": sec, "time": round(time.time(), 3),
+                  "elapsed_s": round(self.elapsed(now), 3)}
+        mem = peak_memory_mb(device)
+        if mem is not None:
+            record["peak_mem_mb"] = round(mem, 1)
+        self.write(record)
+        if self.enabled:
+            rate = (step - self.start_step) / max(now - self.start_time, 1e-9)
+            eta = datetime.timedelta(seconds=round((self.total - step) / max(rate, 1e-9)))
+            speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/it"
+            parts = [f"{k} {_fmt(record[k])}" for k in values]
+            mem_txt = f" | {mem:.0f} MB" if mem is not None else ""
+            print(f"step {step}/{self.total} | " + " | ".join(parts) +
+                  f" | {speed} | ETA {eta}{mem_txt}", flush=True)
+        return record
+
+
+@dataclasses.dataclass
+class Intervals:
+    """How often a run logs, draws sample grids, scores its FID and saves (the run flags)."""
+    log_every: int = 100
+    log_seconds: float = 30.0
+    sample_every: int = 0
+    save_every: int = 0
+    save_minutes: float = 10.0
+    snapshot_every: int = 0
+    fid_every: int = 0
+
+    @classmethod
+    def of(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+class Run:
+    """A training run's bookkeeping around its steps, the same for every training script.
+
+    It owns the step counter, the last saved step and the best in-training FID, the status
+    lines and metrics.jsonl (RunLog) and the NaN check (FiniteCheck). After each step,
+    `end_step` decides, once and agreed by all processes:
+    - log: after the first step, then every --log-every steps or --log-seconds, whichever
+      comes first, and at the end;
+    - sample grids every --sample-every steps and at the end; the in-training FID every
+      --fid-every steps (a new best is saved as best.pt);
+    - save <out>/latest.pt: every --save-every steps (0: never by count), every --save-minutes
+      (0: never by time), with every --snapshot-every snapshot, at the end and on a stop;
+    - stop: SIGINT / SIGTERM ask the run to finish its current step, save and exit with
+      128 + the signal number; a second signal (more than a second later: torchrun and
+      schedulers forward one signal twice) stops at once, without saving.
+    Use as a context manager around the training loop (it installs the signal handlers).
+    """
+
+    def __init__(self, script, proc, out, steps, every):
+        self.script, self.proc, self.out, self.steps, self.every = script, proc, out, steps, every
+        self.check = FiniteCheck()
+        self.resumed_at(0, 0.0, math.inf, saved=False)
+        self.signal, self.signal_time, self.previous = None, None, {}
+
+    def resumed_at(self, step, elapsed, best_fid, saved=True):
+        """Continue from a checkpoint's step, training time and best in-training FID (saved:
+        whether <out>/latest.pt holds that step)."""
+        self.step = self.start_step = step
+        self.last_saved = step if saved else None
+        self.best_fid = best_fid
+        self.log = RunLog(self.out, self.steps, step, elapsed, enabled=self.proc.main)
+
+    def __enter__(self):
+        self.log.start_clock()  # set-up time is not training time
+        self.last_log = self.last_save = time.monotonic()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal, self.signal_time = signum, time.monotonic()
+            if self.proc.main:
+                print(f"\nreceived {name}: finishing step {self.step}, then saving "
+                      f"{self.out}/latest.pt (send it again to stop at once, unsaved)",
+                      file=sys.stderr, flush=True)
+        elif time.monotonic() - self.signal_time > 1.0:
+            kept = (f"{self.out}/latest.pt is from step {self.last_saved}"
+                    if self.last_saved else "nothing was saved")
+            raise Interrupted(f"stopped at once by a second {name} during step {self.step}, "
+                              f"without saving; {kept}", 128 + signum)
+
+    def due(self, step):
+        """(log, save, stop) after `step`, the same on every process."""
+        e, now = self.every, time.monotonic()
+        last = step >= self.steps
+        log = (step == self.start_step + 1 or step % e.log_every == 0 or last
+               or (e.log_seconds and now - self.last_log >= e.log_seconds))
+        save = (last or (e.save_every and step % e.save_every == 0)
+                or (e.snapshot_every and step % e.snapshot_every == 0)
+                or (e.save_minutes and now - self.last_save >= 60 * e.save_minutes))
+        log, save, stop = self.proc.agree(log, save, self.signal is not None)
+        if log:
+            self.last_log = now
+        if save or stop:
+            self.last_save = now
+        return log, save or stop, stop
+
+    def end_step(self, running, values, grids, save, fid=None):
+        """Everything after one step: `running` holds device sums of loss terms over the
+        steps since the last record (averaged over steps and processes, logged, then zeroed),
+        `values` more values for the record (gradient norms, lr); grids() draws the sample
+        grids (main process), save(name) writes <out>/name; fid is None or
+        (InTrainingFID or None off the main process, sample(z, y), the model's label)."""
+        step, proc = self.step, self.proc
+        do_log, do_save, stop = self.due(step)
+        if do_log:
+            self.check.check(proc, self.out, self.last_saved)
+            n = step - self.log.last_step  # steps since the last record (also after a resume)
+            record = {k: proc.mean(v / n) for k, v in running.items()}
+            self.log.step(step, {**record, **values}, proc.device)
+            for v in running.values():
+                v.zero_()
+        if proc.main and self.every.sample_every and (step % self.every.sample_every == 0
+                                                       or step == self.steps):
+            grids()
+        if fid is not None and self.every.fid_every and step % self.every.fid_every == 0:
+            self.check.check(proc, self.out, self.last_saved)
+            self.evaluate_fid(*fid, save)
+        if do_save:
+            self.check.check(proc, self.out, self.last_saved)
+            save("latest.pt")
+            self.last_saved = step
+        if stop:
+            proc.close()
+            raise self.stopped(step)
+
+    def evaluate_fid(self, fid_eval, sample, model, save):
+        """In-training FID on the main process (shared with the others), logged with its
+        sample count and model; a new best is written by save("best.pt")."""
+        score = self.proc.broadcast(fid_eval(sample) if self.proc.main else None)
+        best = score < self.best_fid
+        if self.proc.main:
+            self.log.write({"step": self.step, "fid": score, "fid_samples": fid_eval.n,
+                            "fid_model": model, "fid_mode": fid_eval.extractor.mode,
+                            "fid_kind": "in-training"})
+            print(f"step {self.step} | in-training FID ({fid_eval.n} samples, {model}): "
+                  f"{score:.3f}" + (" (best so far: <out>/best.pt)" if best else ""), flush=True)
+        if best:
+            self.best_fid = score
+            save("best.pt")
+
+    def stopped(self, step):
+        """The exception that ends a run stopped by a signal (after its checkpoint is saved)."""
+        signum = self.signal or signal.SIGTERM  # the signal reached another process
+        message = (f"stopped by {signal.Signals(signum).name} at step {step}/{self.steps}: "
+                   f"{self.out}/latest.pt written; continue with: python {self.script} "
+                   f"--resume {self.out}" + (" (under the same launcher, e.g. torchrun)"
+                                             if self.proc.world > 1 else ""))
+        return Interrupted(message if self.proc.main else "", 128 + signum)
+
+
+def _plain(v):
+    return v.item() if torch.is_tensor(v) else v
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def start_run(out, args, proc, fresh):
+    """Create <out> and write args.json (the flags as a dict), once setup has succeeded (a run
+    that fails on its inputs leaves no empty folder behind). A fresh run in a folder left by an
+    attempt that never saved a checkpoint (stopped during set-up, say) starts its
+    metrics.jsonl anew: that attempt cannot be resumed, and its records would mix with these."""
+    if not proc.main:
+        return
+    os.makedirs(out, exist_ok=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    if fresh and os.path.exists(metrics):
+        os.replace(metrics, metrics + ".unsaved-attempt")
+        print(f"note: {out} held the metrics of an attempt that saved no checkpoint; kept as "
+              "metrics.jsonl.unsaved-attempt")
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(json_safe(args), f, indent=2)
+
+
+def save_run_checkpoint(ckpt, out, name, step, snapshot_every):
+    """<out>/name written atomically (main process), plus a numbered snapshot
+    <out>/ckpt_<step>.pt of latest.pt every snapshot_every steps."""
+    save_checkpoint(ckpt, os.path.join(out, name))
+    if name == "latest.pt" and snapshot_every and step % snapshot_every == 0:
+        save_checkpoint(ckpt, os.path.join(out, f"ckpt_{step:07d}.pt"))
+
+
+def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every, save_every,
+                 precisions=("fp32", "tf32", "bf16", "fp16"), precision="fp32"):
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/run",
+                   help="output folder of the run (with --resume RUN_DIR: RUN_DIR)")
+    g.add_argument("--steps", type=positive_int, default=steps,
+                   help="total steps of the run (a larger value extends a resumed run)")
+    g.add_argument("--batch-size", type=positive_int, default=batch,
+                   help="global batch size (split over processes and --grad-accum)")
+    g.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    g.add_argument("--warmup", type=count, default=warmup_steps,
+                   help="linear learning-rate warm-up, in optimizer updates (0: none)")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0,
+                   help="gradient-norm clipping")
+    g.add_argument("--ema", type=decay, nargs="+", default=ema,
+                   help="EMA decays to track (keys str(decay) in the checkpoint)")
+    g.add_argument("--seed", type=count, default=42, help="random seed")
+    g.add_argument("--device", default=None,
+                   help="cuda, cuda:1, npu, mps or cpu (default: the best available)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
+                   help="continue a run exactly, with its own flags: a run folder, a checkpoint "
+                        "file, or no value for <out>/latest.pt. Only how long, how often, where "
+                        "and how fast it runs may change (--steps, intervals, --device, "
+                        "--grad-accum, ...: runs.RESUMABLE, docs/runs.md)")
+    g.add_argument("--log-every", type=positive_int, default=log_every,
+                   help="status line and metrics.jsonl record every N steps (and after step 1)")
+    g.add_argument("--log-seconds", type=nonnegative_float, default=30.0,
+                   help="... or after this many seconds, whichever comes first (0: by count)")
+    g.add_argument("--sample-every", type=count, default=sample_every,
+                   help="sample grid every N steps (0: never)")
+    g.add_argument("--save-every", type=count, default=save_every,
+                   help="write <out>/latest.pt every N steps (0: only by --save-minutes, at "
+                        "the end and when stopped by SIGINT / SIGTERM)")
+    g.add_argument("--save-minutes", type=nonnegative_float, default=10.0,
+                   help="also write <out>/latest.pt when it is this many minutes old, so that "
+                        "a hard kill loses at most that much (0: never by time)")
+    g.add_argument("--snapshot-every", type=count, default=0,
+                   help="also keep a numbered copy <out>/ckpt_<step>.pt every N steps (0: never)")
+    s = p.add_argument_group("speed")
+    s.add_argument("--precision", choices=list(precisions), default=precision,
+                   help="fp32 (no TF32); tf32 (TF32 matrix products on CUDA); bf16 / fp16 "
+                        "(autocast, losses and optimizer in fp32, fp16 with gradient scaling)"
+                        + ("; mixed (bf16, but teacher and fake model in fp32 in the generator "
+                           "update, see README); auto: mixed on a CUDA GPU with bf16, fp32 "
+                           "elsewhere" if "mixed" in precisions else ""))
+    add_threads_arg(s)
+    s.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="accumulate gradients over K micro-batches (same update as one batch)")
+    s.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each update's objective (network and loss, forward and "
+                        "backward)")
+    s.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; reduce-overhead captures CUDA graphs")
+    s.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (cuDNN, cuBLAS) for bit-exact resumes on a "
+                        "GPU; slower. On a CPU runs are deterministic anyway")
+    return g
+
+
+def add_fid_args(p):
+    g = p.add_argument_group("in-training FID (cheap and labelled as such; final numbers: fid.py)")
+    g.add_argument("--fid-every", type=count, default=0,
+                   help="FID of the first EMA model every N steps, logged to metrics.jsonl; the "
+                        "best one is kept as <out>/best.pt (0: never)")
+    g.add_argument("--fid-n", type=_number(int, lambda v: v >= 2, "an integer >= 2"),
+                   default=10_000,
+                   help="samples per in-training FID (the paper's protocol uses 50,000)")
+    g.add_argument("--fid-ref", default=None,
+                   help="reference statistics from `python fid.py ref` (e.g. "
+                        "cifar10_train_tf.npz); needed with --fid-every")
+    g.add_argument("--fid-weights", default=None,
+                   help="Inception weights file (default: torch hub cache, see fid.py)")
+    g.add_argument("--fid-mode", choices=["tf", "pytorch-fid"], default="tf",
+                   help="FID preprocessing (tf: the paper's clean-fid legacy_tensorflow)")
+    g.add_argument("--fid-batch", type=positive_int, default=250,
+                   help="images per sampling batch")
+    return g
+
+
+# Flags a resumed run may change on the command line: how long, how often, where and how fast
+# it runs. Flags not given are all restored from the checkpoint; giving another value to a flag
+# outside this set is refused. (--teacher and --data may point to moved files: setup checks
+# their content; --init-from only matters at the start of a run.)
+RESUMABLE = {"steps", "out", "resume", "device", "workers", "data_root", "log_every",
+             "grad_accum", "threads",
+             "log_seconds", "sample_every", "save_every", "save_minutes", "snapshot_every",
+             "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_mode", "fid_batch",
+             "compile", "compile_mode", "channels_last", "deterministic", "teacher", "data",
+             "init_from", "sample_nfe"}
+
+
+def resume_path(resume, out):
+    """The checkpoint of --resume: a file, a run folder's latest.pt, or <out>/latest.pt."""
+    path = os.path.join(out, "latest.pt") if resume == "latest" else resume
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"--resume: {path} not found; start without --resume or give a run folder or "
+             "checkpoint file")
+    return path
+
+
+def holds_run(folder):
+    """Whether a folder holds (part of) a run: a checkpoint, its flags or its metrics."""
+    return any(os.path.exists(os.path.join(folder, f))
+               for f in ("latest.pt", "args.json", "metrics.jsonl"))
+
+
+def check_out(out):
+    """--out must be a folder that can be made here; checked before any work, leaving nothing
+    behind (the run creates it once its set-up has succeeded)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder; pass a folder for the run")
+    missing, parent = [], os.path.abspath(out)
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out {out} cannot be written ({e.strerror}); pass a folder you can write to")
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+KINDS = {"teacher": "train_teacher.py", "distilled": "distill.py (or finetune.py)"}
+
+
+def parse_run_args(parser, argv, script, init_hint, kind):
+    """A training script's flags. With --resume, the run's own flags are restored from its
+    checkpoint: flags given on the command line must be RESUMABLE or equal the saved ones.
+    Sets args.resume to the checkpoint path (None without --resume) and args.from_authors for
+    the authors' files, which carry no flags (all then come from the command line). A resumed
+    run writes where it lives, or into an --out that holds no run. Without --resume, an --out
+    that already holds a run is refused: a repeated command never overwrites the checkpoint it
+    could have resumed. `kind` is the checkpoint kind the script makes ("teacher" or
+    "distilled")."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        for action in parser._actions:  # required flags (--teacher) are restored instead
+            action.required = False
+    args = parser.parse_args(argv)
+    args.from_authors = False
+    if args.resume is None:
+        check_out(args.out)
+        if os.path.exists(os.path.join(args.out, "latest.pt")):  # never overwrite a run
+            fail(f"--out {args.out} already holds a run (latest.pt); continue it with "
+                 f"`python {script} --resume {args.out}`, or pass another --out (delete the "
+                 "folder to start that run over)")
+        return args
+    given = given_flags(parser, argv)
+    path = resume_path(args.resume, args.out)
+    ckpt = load_checkpoint(path, "resume checkpoint", mmap=True)
+    found = ckpt.get("config", {}).get("kind") or checkpoint_kind(ckpt)
+    if found != kind and found in KINDS:
+        fail(f"--resume {path} is a {found} run, made by {KINDS[found]}; resume it with that "
+             f"script: python {KINDS[found].split()[0]} --resume {path}")
+    saved = ckpt.get("config", {}).get("args")
+    args.resume = path
+    home = os.path.dirname(path) or "."
+    if "out" in given and os.path.abspath(args.out) != os.path.abspath(home):
+        if holds_run(args.out):
+            fail(f"--out {args.out} holds another run; a resumed run writes where it lives "
+                 f"({home}) or into an empty folder: drop --out or pass a new folder")
+        check_out(args.out)
+    if saved is None:  # the authors' layout (or a file written by hand): no flags inside
+        args.from_authors = True
+        return args
+    if "out" not in given:
+        args.out = home
+    differ = []
+    for key, value in vars(args).items():
+        if key not in saved or key in ("out", "resume", "from_authors"):
+            continue
+        if key not in given:
+            setattr(args, key, saved[key])
+        elif key not in RESUMABLE and json_safe(value) != saved[key]:
+            differ.append(f"--{key.replace('_', '-')} {_flag_text(value)} (the run: "
+                          f"{_flag_text(saved[key])})")
+    if differ:
+        fail(f"--resume {path}: {', '.join(differ)} differ from the run's own flags; drop them "
+             f"to continue the run exactly, or start a new run from these weights: python "
+             f"{script} {init_hint.format(path=path)} --out NEW_FOLDER ...")
+    return args
+
+
+def _flag_text(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_resume_step(args, step):
+    """A resumed run must have steps left to run."""
+    if step >= args.steps:
+        fail(f"the run in {args.resume} is already at step {step} of --steps {args.steps}; "
+             "pass a larger --steps to extend it")
