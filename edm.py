@@ -592,7 +592,15 @@ class _Refused(pickle.UnpicklingError):
     """A global outside _ALLOWED; args[0] names it."""
 
 
-class _Persistent:
+class _Sealed(type):
+    """Metaclass of the stand-ins: a pickle's BUILD (setattr on a class it names) cannot rebind
+    their methods, a change that would outlive the load."""
+
+    def __setattr__(cls, name, value):
+        raise pickle.UnpicklingError(f"a pickle may not change {cls.__name__}")
+
+
+class _Persistent(metaclass=_Sealed):
     """Stand-in for a persistent object: its class name and state. module_src is dropped unread."""
 
     def __init__(self, meta):
@@ -602,7 +610,7 @@ class _Persistent:
         self.class_name, self.state = meta["class_name"], meta["state"]
 
 
-class _Container:
+class _Container(metaclass=_Sealed):
     """Stand-in for a torch.nn container: the pickle's NEWOBJ makes it, BUILD hands it the state."""
 
     def __setstate__(self, state):
@@ -613,11 +621,8 @@ _CONTAINERS = {name: type(name, (_Container,), {})
                for name in ("ModuleDict", "ModuleList", "Sequential")}
 
 
-class _EasyDict(dict):
+class _EasyDict(dict, metaclass=_Sealed):
     """Stand-in for dnnlib.util.EasyDict (a dict with attribute access); returned as a dict."""
-
-    def __setstate__(self, state):
-        self.update(state or {})
 
 
 def _storage(data):
@@ -650,34 +655,22 @@ def _parameter(data, requires_grad=False, backward_hooks=None, state=None):
     return data
 
 
-def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype):
-        raise pickle.UnpicklingError("a numpy scalar without a dtype")
-    return data if dtype.hasobject else np.frombuffer(data, dtype=dtype)[0]
-
-
-def _new(cls, *args):
-    """copyreg.__newobj__ / _reconstructor, for the stand-ins only."""
-    if cls is _EasyDict or cls in _CONTAINERS.values():
-        return cls.__new__(cls)
-    raise pickle.UnpicklingError("object construction outside the stand-ins")
-
-
 _ALLOWED = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "object"): object,
-    ("copyreg", "_reconstructor"): _new, ("copyreg", "__newobj__"): _new,
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,  # protocols 2 and 3
     ("torch._utils", "_rebuild_tensor_v2"): _tensor,
     ("torch._utils", "_rebuild_parameter"): _parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
     ("torch.storage", "_load_from_bytes"): _storage,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
     ("dnnlib.util", "EasyDict"): _EasyDict,
-    ("numpy", "dtype"): np.dtype,  # numpy scalars: EDM's block arguments such as np.sqrt(0.5)
-    **{(m, "scalar"): _numpy_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    # numpy scalars (EDM's block arguments such as np.sqrt(0.5)): numpy's own scalar(dtype, bytes)
+    ("numpy", "dtype"): np.dtype,
+    **{(m, "scalar"): np.float64(0).__reduce__()[0]
+       for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{("torch.nn.modules.container", name): cls for name, cls in _CONTAINERS.items()},
 }
-_PY2_MODULES = {"copy_reg": "copyreg", "__builtin__": "builtins"}  # protocol 0-2 spellings
+_PY2_MODULES = {"copy_reg": "copyreg", "__builtin__": "builtins"}  # fix_imports spellings
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -759,9 +752,10 @@ def load_edm_pickle(path_or_fileobj):
     """The top-level dict of an EDM pickle, with each network rebuilt as this file's module
     (eval mode, float32, requires_grad False) and other persistent objects as plain dicts.
     Nothing in the file is executed: any global outside a network's data is refused."""
-    name = str(getattr(path_or_fileobj, "name", path_or_fileobj))
+    is_file = hasattr(path_or_fileobj, "read")
+    name = str(getattr(path_or_fileobj, "name", "pickle") if is_file else path_or_fileobj)
     try:
-        with (contextlib.nullcontext(path_or_fileobj) if hasattr(path_or_fileobj, "read")
+        with (contextlib.nullcontext(path_or_fileobj) if is_file
               else open(path_or_fileobj, "rb")) as f:  # a caller's file object stays open
             raw = _SafeUnpickler(f).load()
     except OSError as e:

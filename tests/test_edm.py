@@ -8,6 +8,7 @@ benchmarks/check_edm.py compares against EDM's own code directly.
 """
 import contextlib
 import hashlib
+import io
 import math
 import os
 import pickle
@@ -438,6 +439,21 @@ def test_module_src_is_never_executed(tmp_path):
     assert not marker.exists()
     assert data["evil"] == {"class_name": "Evil", "init_args": (), "init_kwargs": {"a": 1}}
     assert isinstance(data["ema"], edm.EDMPrecond) and str(marker) not in repr(data)
+
+
+def test_a_pickle_cannot_change_the_readers_classes(tmp_path):
+    """BUILD with a slot state on a global is setattr on it: refused for the stand-in classes."""
+    rebind = (b"\x80\x02ctorch_utils.persistence\n_reconstruct_persistent_obj\n"  # the class
+              b"N}X\x08\x00\x00\x00__init__ccollections\nOrderedDict\ns\x86b"  # (None, {...})
+              b"0}X\x03\x00\x00\x00emaK\x01s.")  # BUILD, then {'ema': 1}
+    init = edm._Persistent.__init__
+    with pytest.raises(RealUIDError, match="may not change"):
+        edm.load_edm_pickle(io.BytesIO(rebind))
+    assert edm._Persistent.__init__ is init
+    net, kwargs = build("VEPrecond", "ddpmpp", 0)  # a file object works as well as a path
+    write_edm_pickle(tmp_path / "ok.pkl", net, kwargs)
+    with open(tmp_path / "ok.pkl", "rb") as f:
+        assert isinstance(edm.load_edm_pickle(f)["ema"], edm.VEPrecond) and not f.closed
 
 
 def test_tensor_bytes_are_read_as_weights_only(tmp_path):
