@@ -599,9 +599,11 @@ def generator_update(state, args, batch):
     EMAs of G. Teacher and fake model are frozen; under --precision mixed both run in float32
     (their difference is the gradient: see common.full_precision)."""
     player, mb_terms, terms = state.gen_player, {}, {}
-    teacher, fake, head = state.teacher, state.fake_frozen, state.fake_frozen.forward_head
+    teacher, fake = state.teacher, state.fake_frozen
+    head = state.fake_frozen.forward_head if state.gan else None
     if args.precision == "mixed":
-        teacher, fake, head = (common.full_precision(m) for m in (teacher, fake, head))
+        teacher, fake, head = (common.full_precision(m) if m is not None else None
+                               for m in (teacher, fake, head))
     for mb, n, ddp_sync in player.micro_batches(batch, state.micro):
         z, x0, t, y, s = mb["z"], mb["x0"], mb["t"], mb["y"], mb["s"]
         with ddp_sync:

@@ -728,6 +728,7 @@ def _build(node, where):
     except Exception as e:  # torch lists missing / unexpected keys and shapes over several lines
         raise RealUIDError(f"{where}: the tensors do not fit a {node.class_name} with the pickle's "
                            f"arguments ({' '.join(str(e).split())[:400]})") from None
+    net.init_args, net.init_kwargs = list(args), kwargs  # what rebuilds it (teachers.py)
     return net.eval().requires_grad_(False)
 
 

@@ -17,6 +17,7 @@ import common
 import coupling
 import fid
 import sample
+import teachers
 import unet
 
 
@@ -73,11 +74,10 @@ def score_pairs(args, device):
     teacher_ema = (args.teacher_ema if args.teacher_ema is not None
                    else run_args.get("teacher_ema", "first"))
     teacher = sample.load_model(teacher_path, teacher_ema, unet.PAPER_CONFIG)
-    net_cfg = model.net.config
-    shape = (net_cfg["in_channels"], net_cfg["image_size"], net_cfg["image_size"])
+    shape = teachers.image_shape(model.net)
     src, targets, labels = sample.held_out_pairs(args.data, model.coupling, shape, args.n,
                                                  args.seed, args.data_root)
-    if net_cfg["num_classes"] is None:
+    if teachers.num_classes(model.net) is None:
         labels = None
     elif labels is None:
         common.fail(f"{args.ckpt} is class conditional: --data needs labels")

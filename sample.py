@@ -255,8 +255,7 @@ def main(args):
     device = common.pick_device(args.device)
     model = load_model(args.ckpt, args.ema, common.net_config_from_args(args))
     model.net.to(device).eval()
-    cfg = model.net.config
-    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    shape = teachers.image_shape(model.net)
     amp = common.precision_context(device, args.precision)
     given = getattr(args, "given", set())
     if "nfe" in given and model.kind == "distilled":
@@ -272,7 +271,7 @@ def main(args):
         common.fail(f"{args.ckpt} is a noise-to-image model: --source / --data are for "
                     "image-to-image checkpoints (train_teacher.py --task / pairs)")
     n = args.n or 64
-    labels = common.class_labels(n, cfg["num_classes"], args.label)
+    labels = common.class_labels(n, teachers.num_classes(model.net), args.label)
     if args.label is not None and labels is None:
         common.fail("--label given but the model is unconditional; drop --label")
 
@@ -314,7 +313,7 @@ def main_pairs(args, model, shape, device, amp, what):
     else:
         src, targets, labels = held_out_pairs(args.data, model.coupling, shape, args.n,
                                               args.seed, args.data_root)
-    classes = model.net.config["num_classes"]
+    classes = teachers.num_classes(model.net)
     if classes is not None and (labels is None or args.label is not None):
         labels = common.class_labels(len(src), classes, args.label)
     elif classes is None:

@@ -36,7 +36,7 @@ def noise_levels(law, r, t_range=(0.0, 1.0)):
     - uniform: t uniform on the teacher's range (flow matching: [0, 1]);
     - edm: EDM's training law, ln sigma ~ N(-1.2, 1.2^2) (SiD's fake model);
     - sid: SiD's generator law, sigma on EDM's rho = 7 grid between 0.002 and 80 at a position
-      uniform on [0, 0.8] (sigma from 80 down to about 0.2)."""
+      uniform on [0, 0.8] from the low end (sigma from 0.002 up to about 24.4)."""
     if law == "uniform":
         lo, hi = t_range
         return r if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * r
@@ -78,8 +78,8 @@ class DenoiserField(torch.nn.Module):
     networks; distill.py draws t inside that range for such a teacher (--fake-t / --gen-t
     uniform), and flow.euler samples it there.
 
-    The denoiser computes in float32 (EDM's preconditioning divides by sigma); the field
-    returns the input's dtype.
+    The conversion runs in float32 at least (it divides by t and by 1 - t; EDM's networks
+    compute in float32 anyway); the field returns the input's dtype.
     """
 
     def __init__(self, denoiser):
@@ -98,8 +98,8 @@ class DenoiserField(torch.nn.Module):
         return self.denoiser(x, sigma, labels)
 
     def forward(self, t, x, y=None):
-        t_ = t.to(torch.float32).view(-1, *[1] * (x.dim() - 1))
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()  # never below float32
+        t_ = t.to(xf.dtype).view(-1, *[1] * (x.dim() - 1))
         D = self.denoise(xf / t_, ((1 - t_) / t_).flatten(), y)
         return ((D - xf) / (1 - t_)).to(x.dtype)
 
@@ -160,17 +160,15 @@ def load_teacher(path, ema=None, device="cpu", fallback=None):
     `device`.
 
     ema: None for the file's default weights (the first EMA of our and the authors' files,
-    0.999 for theirs; an EDM pickle's `ema` network), a decay for that EMA, or "raw" for the
-    raw weights. fallback: the U-Net config of an authors' file (no config inside; default:
+    0.999 for theirs), a decay for that EMA, or "raw" for the raw weights; an EDM pickle holds
+    one network, its EMA under the key `ema`, whatever `ema` says. fallback: the U-Net config of an authors' file (no config inside; default:
     the paper network at 32x32). The module carries `config` (to rebuild it),
     `coupling` (image-to-image teachers) and, for denoisers, `t_min`, `t_max`.
     """
     path = str(path)
     if os.path.isdir(path):
         path = os.path.join(path, "latest.pt")
-    if path.endswith(EDM_SUFFIXES):
-        if ema not in (None, "raw"):
-            common.fail(f"{path}: an EDM pickle holds one network (`ema`); drop --teacher-ema")
+    if path.endswith(EDM_SUFFIXES):  # EDM keeps one network, its EMA, under `ema`: `ema` n/a
         net = DenoiserField(edm.load_edm_network(path))
         net.coupling = None
         return net.to(device).eval().requires_grad_(False)
