@@ -37,6 +37,7 @@ import common
 import coupling
 import fid
 import runs
+import training
 import teachers
 from flow import field, generate, interpolate
 
@@ -337,13 +338,13 @@ def setup(args, proc):
             fake_sd = common.clean_state_dict(ickpt["u"])
     if args.fake_init == "teacher":
         fake_sd = t_sd
-    runs.seed_init(args.seed)
+    training.seed_init(args.seed)
     state.gen = teachers.build(cfg, gen_sd, what="generator weights").to(device)
     state.fake = teachers.build(cfg, fake_sd, gan_head=state.gan,
                                 what="fake-model weights").to(device)
     state.emas = {common.ema_key(decay): copy.deepcopy(state.gen).requires_grad_(False).eval()
                   for decay in args.ema}
-    runs.seed_dropout(args.seed, proc.rank)
+    training.seed_dropout(args.seed, proc.rank)
     state.shape = teachers.image_shape(state.teacher)
 
     # Real data: the targets when alpha, beta < 1 (or the GAN); a coupling always reads its
@@ -364,14 +365,14 @@ def setup(args, proc):
         for net in (state.teacher, state.gen, state.fake, *state.emas.values()):
             net.to(memory_format=torch.channels_last)
     # Each player as the other one sees it: on the same weights, frozen, in eval mode.
-    state.gen_frozen = runs.frozen_alias(state.gen)
-    state.fake_frozen = runs.frozen_alias(state.fake)
+    state.gen_frozen = training.frozen_alias(state.gen)
+    state.fake_frozen = training.frozen_alias(state.fake)
     # Adam with betas (0, 0.999) for both players, linear warm-up per optimizer (Appendix D).
     compile_mode = args.compile_mode if args.compile else None
     state.gen_player, state.fake_player = (
-        runs.Player(net, args.lr, (0.0, 0.999), args.warmup, proc, compile_mode,
+        training.Player(net, args.lr, (0.0, 0.999), args.warmup, proc, compile_mode,
                     fp16=args.precision == "fp16") for net in (state.gen, state.fake))
-    state.noise = runs.noise_generator(device, args.seed)
+    state.noise = training.noise_generator(device, args.seed)
 
     state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))
     consumed = 0
@@ -380,7 +381,7 @@ def setup(args, proc):
     elif args.resume:
         consumed = restore(state, args)
 
-    state.batches = runs.Batches(data, args.batch_size, args.seed, proc, args.workers,
+    state.batches = training.Batches(data, args.batch_size, args.seed, proc, args.workers,
                                  consumed) if state.reads_data else None
     state.micro = proc.split(args.batch_size, args.grad_accum)
     state.amp = common.precision_context(device, args.precision)
@@ -413,7 +414,7 @@ def restore(state, args):
     fake.sched.load_state_dict(ckpt["sched_u"])
     gen.scaler.load_state_dict(ckpt.get("scaler_gen", {}))
     fake.scaler.load_state_dict(ckpt.get("scaler_u", {}))
-    runs.set_rng_state(ckpt["rng"], state.noise, state.proc, path)
+    training.set_rng_state(ckpt["rng"], state.noise, state.proc, path)
     state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
                          ckpt.get("best_fid", math.inf))
     runs.check_resume_step(args, ckpt["step"])
@@ -470,6 +471,8 @@ def continue_authors(state, args):
     gen.sched._last_lr = [args.lr * factor]
     for group in gen.opt.param_groups:
         group["lr"], group["initial_lr"] = args.lr * factor, args.lr
+    for group in fake.opt.param_groups:
+        group["initial_lr"] = args.lr
     set_warmup_position(fake.sched, step * args.fake_steps)
     state.run.resumed_at(step, 0.0, math.inf, saved=False)
     runs.check_resume_step(args, step)
@@ -508,7 +511,7 @@ def load_authors_adam(opt, state, n_params, path):
 
 
 def set_warmup_position(sched, updates):
-    """Put a warm-up scheduler (runs.warmup) at `updates` updates done."""
+    """Put a warm-up scheduler (training.warmup) at `updates` updates done."""
     sched.last_epoch = updates - 1
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
@@ -524,19 +527,19 @@ def draw(state, args, law="uniform"):
     noise (coupling.py explains why), and with alpha = beta = 1 the targets stay unread.
     `law` is the law of t (teachers.noise_levels)."""
     B, device, rng = args.batch_size, state.device, state.noise
-    noise = {"z": runs.randn(rng, (B, *state.shape), device),
-             "x0": runs.randn(rng, (B, *state.shape), device),
-             "t": teachers.noise_levels(law, runs.randn(rng, (B,), device) if law == "edm" else
-                               runs.rand(rng, (B,), device), state.t_range)}
+    noise = {"z": training.randn(rng, (B, *state.shape), device),
+             "x0": training.randn(rng, (B, *state.shape), device),
+             "t": teachers.noise_levels(law, training.randn(rng, (B,), device) if law == "edm" else
+                               training.rand(rng, (B,), device), state.t_range)}
     if state.gan:
-        noise["t_gan"] = 1 - 0.2 * runs.rand(rng, (B,), device)
+        noise["t_gan"] = 1 - 0.2 * training.rand(rng, (B,), device)
     if state.reads_data:
-        noise["flip"] = runs.rand(rng, (B,), device) < 0.5
+        noise["flip"] = training.rand(rng, (B,), device) < 0.5
     elif state.cond:  # data-free and conditional: labels uniform over the classes
-        noise["y"] = runs.randint(rng, state.num_classes, (B,), device)
+        noise["y"] = training.randint(rng, state.num_classes, (B,), device)
     if state.coupling and state.coupling["task"] == "denoise":
-        noise["task"] = runs.randn(rng, (B, *state.shape), device)
-    batch = runs.rank_slice(noise, state.proc)
+        noise["task"] = training.randn(rng, (B, *state.shape), device)
+    batch = training.rank_slice(noise, state.proc)
     batch.setdefault("y", None)
     batch["x_d"], batch["s"] = None, None
     if state.reads_data:
@@ -586,7 +589,7 @@ def fake_update(state, args, batch):
                     mb_terms["loss_gan_disc"] = gan
                     loss = loss + args.gan_disc_coef * gan
             player.backward(loss / n)
-        runs.add_terms(terms, mb_terms, n)
+        training.add_terms(terms, mb_terms, n)
     norm = player.clip(args.grad_clip)
     player.step()
     state.run.check.add("fake-model loss", sum(terms.values()), state.run.step)
@@ -625,12 +628,12 @@ def generator_update(state, args, batch):
                     mb_terms["loss_gan_gen"] = gan
                     loss = loss + args.gan_gen_coef * gan
             player.backward(loss / n)
-        runs.add_terms(terms, mb_terms, n)
+        training.add_terms(terms, mb_terms, n)
     norm = player.clip(args.grad_clip)
     player.step()
     state.run.check.add("generator loss", sum(terms.values()), state.run.step)
     for decay in args.ema:
-        runs.ema_update(state.emas[common.ema_key(decay)], state.gen, decay)
+        training.ema_update(state.emas[common.ema_key(decay)], state.gen, decay)
     return terms, norm
 
 
@@ -649,7 +652,7 @@ def save(state, args, name="latest.pt"):
                        "teacher_fingerprint": state.teacher_fingerprint,
                        "data": state.data_desc, "args": common.json_safe(vars(args))},
             "scaler_gen": gen.scaler.state_dict(), "scaler_u": fake.scaler.state_dict(),
-            "rng": runs.rng_state(state.noise, state.proc),
+            "rng": training.rng_state(state.noise, state.proc),
             "data_batches": state.batches.consumed if state.batches else 0,
             "best_fid": run.best_fid, "elapsed_s": run.log.elapsed()}
     if state.proc.main:
@@ -677,7 +680,7 @@ def save_grids(state, args, z, y):
 
 def main(args):
     check_args(args)
-    proc = runs.Process(args.device)
+    proc = training.Process(args.device)
     state = setup(args, proc)
     fid_eval = fid.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
                                  state.shape, state.num_classes, args.fid_n,
@@ -693,9 +696,7 @@ def main(args):
         print(f"{mode}{' + GAN' if state.gan else ''}; teacher {args.teacher} "
               f"({'cond' if state.cond else 'uncond'} {'x'.join(map(str, state.shape))}{pairs});"
               f" device {proc.device}, {proc.world} process(es), {args.precision}")
-    grid_z = torch.randn(64, *state.shape, generator=torch.Generator().manual_seed(0))
-    grid_z = grid_z.to(proc.device)
-    grid_y = common.class_labels(64, state.num_classes, device=proc.device)
+    grid_z, grid_y = training.grid_latents(state.shape, state.num_classes, proc.device)
     run = state.run
     if proc.main and args.sample_every and run.step == 0:
         save_grids(state, args, grid_z, grid_y)  # the starting point z + v*(0, z), to compare

@@ -34,6 +34,7 @@ import common
 import coupling
 import fid
 import runs
+import training
 import teachers
 from flow import euler, field, interpolate
 
@@ -136,7 +137,7 @@ def setup(args, proc):
         ickpt = common.load_checkpoint(args.init_from, "--init-from checkpoint")
         common.require_kind(ickpt, "teacher", args.init_from)
         init_sd = common.pick_weights(ickpt, None, args.init_from)
-    runs.seed_init(args.seed)
+    training.seed_init(args.seed)
     if args.param == "edm":
         if state.coupling:
             common.fail("--param edm trains noise-to-image denoisers; image-to-image teachers "
@@ -151,14 +152,14 @@ def setup(args, proc):
     state.net.to(device)
     state.emas = {common.ema_key(decay): copy.deepcopy(state.net).requires_grad_(False).eval()
                   for decay in args.ema}
-    runs.seed_dropout(args.seed, proc.rank)
+    training.seed_dropout(args.seed, proc.rank)
     if args.channels_last:
         for net in (state.net, *state.emas.values()):
             net.to(memory_format=torch.channels_last)
-    state.player = runs.Player(state.net, args.lr, (0.9, 0.999), args.warmup, proc,
+    state.player = training.Player(state.net, args.lr, (0.9, 0.999), args.warmup, proc,
                                args.compile_mode if args.compile else None,
                                fp16=args.precision == "fp16")
-    state.noise = runs.noise_generator(device, args.seed)
+    state.noise = training.noise_generator(device, args.seed)
 
     state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))
     consumed = 0
@@ -176,7 +177,7 @@ def setup(args, proc):
         state.player.opt.load_state_dict(ckpt["optim"])
         state.player.sched.load_state_dict(ckpt["sched"])
         state.player.scaler.load_state_dict(ckpt.get("scaler", {}))
-        runs.set_rng_state(ckpt["rng"], state.noise, proc, args.resume)
+        training.set_rng_state(ckpt["rng"], state.noise, proc, args.resume)
         consumed = ckpt["data_batches"]
         state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
                              ckpt.get("best_fid", math.inf))
@@ -184,7 +185,7 @@ def setup(args, proc):
         if proc.main:
             print(f"resumed {args.resume} at step {ckpt['step']}")
 
-    state.batches = runs.Batches(data, args.batch_size, args.seed, proc, args.workers, consumed)
+    state.batches = training.Batches(data, args.batch_size, args.seed, proc, args.workers, consumed)
     state.micro = proc.split(args.batch_size, args.grad_accum)
     state.amp = common.precision_context(device, args.precision)
     state.net.train()
@@ -197,13 +198,13 @@ def draw(state, args):
     of each image (pairs file or built-in task) and the path's start x0 = kappa s + sigma eps."""
     B, rng, device = args.batch_size, state.noise, state.device
     edm = args.param == "edm"  # EDM's law of sigma = (1 - t) / t
-    noise = {"x0": runs.randn(rng, (B, *state.shape), device),
+    noise = {"x0": training.randn(rng, (B, *state.shape), device),
              "t": teachers.noise_levels("edm" if edm else "uniform",
-                                        (runs.randn if edm else runs.rand)(rng, (B,), device)),
-             "flip": runs.rand(rng, (B,), device) < 0.5}
+                                        (training.randn if edm else training.rand)(rng, (B,), device)),
+             "flip": training.rand(rng, (B,), device) < 0.5}
     if state.coupling and state.coupling["task"] == "denoise":
-        noise["task"] = runs.randn(rng, (B, *state.shape), device)
-    batch = runs.rank_slice(noise, state.proc)
+        noise["task"] = training.randn(rng, (B, *state.shape), device)
+    batch = training.rank_slice(noise, state.proc)
     x_u8, y, src_u8 = state.batches.next()
     flip = batch.pop("flip")
     batch["x1"] = common.flip(common.from_uint8(x_u8), flip)
@@ -232,7 +233,7 @@ def teacher_update(state, args, batch):
     player.step()
     state.run.check.add("flow-matching loss", loss_fm, state.run.step)
     for decay in args.ema:
-        runs.ema_update(state.emas[common.ema_key(decay)], state.net, decay)
+        training.ema_update(state.emas[common.ema_key(decay)], state.net, decay)
     return loss_fm, norm
 
 
@@ -246,7 +247,7 @@ def save(state, args, name="latest.pt"):
             "step": run.step,
             "config": {"kind": "teacher", "net": state.cfg, "coupling": state.coupling,
                        "data": state.data_desc, "args": common.json_safe(vars(args))},
-            "scaler": player.scaler.state_dict(), "rng": runs.rng_state(state.noise, state.proc),
+            "scaler": player.scaler.state_dict(), "rng": training.rng_state(state.noise, state.proc),
             "data_batches": state.batches.consumed, "best_fid": run.best_fid,
             "elapsed_s": run.log.elapsed()}
     if state.proc.main:
@@ -276,7 +277,7 @@ def save_grid(state, args, z, y):
 
 
 def main(args):
-    proc = runs.Process(args.device)
+    proc = training.Process(args.device)
     state = setup(args, proc)
     fid_eval = fid.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
                                  state.shape, teachers.num_classes(state.net), args.fid_n,
@@ -289,9 +290,7 @@ def main(args):
         print(f"teacher: {sum(p.numel() for p in state.player.params):,} parameters, data "
               f"{state.data_size} images {'x'.join(map(str, state.shape))}{pairs}, device "
               f"{proc.device}, {proc.world} process(es), {args.precision}")
-    grid_z = torch.randn(64, *state.shape, generator=torch.Generator().manual_seed(0))
-    grid_z = grid_z.to(proc.device)
-    grid_y = common.class_labels(64, teachers.num_classes(state.net), device=proc.device)
+    grid_z, grid_y = training.grid_latents(state.shape, teachers.num_classes(state.net), proc.device)
     run = state.run
     ema = state.emas[common.ema_key(args.ema[0])]
     in_training_fid = (fid_eval, lambda z, y: sample_teacher(ema, z, y, args.sample_nfe),

@@ -30,6 +30,7 @@ from test_runs import TINY_CFG, AuthorsRun
 
 try:
     import runs
+    import training
 except ImportError:  # 1ecc78f kept the run machinery in common.py
     runs = None
 
@@ -132,6 +133,19 @@ def test_authors_continuation_runs_the_command_lines_lr(tmp_path, tiny_data, aut
 
 # ---------------------------------------------------------------------------------------------
 # 2, 3, 8. What a resume may and may not do
+
+def test_continuing_the_authors_file_never_writes_into_the_default_out(
+        tmp_path, teachers, tiny_data, authors_file, monkeypatch):
+    """Their file carries no run folder: without --out the continuation would write into the
+    default runs/run, which may hold another run; it is refused, and that run is untouched."""
+    monkeypatch.chdir(tmp_path)
+    run(distill, distill_argv(teachers["uncond"], tiny_data["uncond"], "runs/run", 1))
+    before = files_of(tmp_path / "runs" / "run")
+    argv = authors_argv(authors_file, tiny_data["uncond"], "unused", 3)
+    argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]  # no --out
+    fails(distill, argv, "holds another run")
+    assert files_of(tmp_path / "runs" / "run") == before
+
 
 def test_resume_never_writes_into_another_run(tmp_path, teachers, tiny_data, distilled_run):
     a = tmp_path / "a"
@@ -290,7 +304,7 @@ def test_a_new_run_sets_aside_the_records_of_an_attempt_that_saved_nothing(teach
 # 7. The other player
 
 def test_frozen_alias_is_in_eval_mode_and_shares_the_weights():
-    frozen_alias = runs.frozen_alias if runs is not None else common.frozen_alias
+    frozen_alias = training.frozen_alias if runs is not None else common.frozen_alias
     torch.manual_seed(0)
     net = unet.UNet(**dict(TINY_CFG, dropout=0.5)).train()
     with torch.no_grad():  # no zero output layer: every weight shows in the output
