@@ -5,8 +5,8 @@ fed through alpha != beta close to 1 gives better one-step samples than data-fre
 (alpha = beta = 1) and gets there in fewer updates, that alpha = beta != 1 adds nothing, and that
 settings far from the diagonal or with alpha = 1, beta < 1 are worse or unstable. This script
 tests those claims at a size that runs in minutes, with the very losses of distill.py
-(`distill.generate`, `distill.fake_model_loss`, `distill.generator_loss`) and the teachers'
-`train_teacher.flow_matching_loss`:
+(`distill.fake_model_loss`, `distill.generator_loss`), its generator `flow.generate` and the
+teachers' `train_teacher.flow_matching_loss`:
 
     python benchmarks/ablation.py --quick --out results/ablation   # < 10 min on 2 CPU cores
     python benchmarks/ablation.py --full --out results/ablation_full  # hours (not run yet)
@@ -31,7 +31,7 @@ figures to <out>/*.png; the README's ablation section discusses them):
    of the generator's loss over (t, x) for several (alpha, beta): which points each setting sees.
 
 Legend (paper -> code): teacher v* -> `teacher`, fake model f -> `fake`, generator G -> `gen`,
-x = z + G(0, z) (Appendix D) -> `distill.generate`, alpha/beta -> `alpha`/`beta` (eqs. 17-18),
+x = z + G(0, z) (Appendix D) -> `flow.generate`, alpha/beta -> `alpha`/`beta` (eqs. 17-18),
 p_d -> training set (real batches), p_G -> generated batches. One step = 5 fake-model updates and
 one generator update, fresh z, x0, t and real batch for every update, x0 and t shared between the
 generated and the real batch, Adam betas (0, 0.999), linear warm-up, gradient clipping at 1 and an
@@ -59,7 +59,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import distill  # noqa: E402
 import fid  # noqa: E402
-import sample  # noqa: E402
+import flow  # noqa: E402
+import runs  # noqa: E402
 import train_teacher  # noqa: E402
 import unet  # noqa: E402
 from benchmarks import measure  # noqa: E402
@@ -448,13 +449,13 @@ def train_fm_teacher(spec):
     net = make_net(problem, b)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), b["teacher_lr"], betas=(0.9, 0.999), foreach=True)
-    sched = common.warmup(opt, spec["steps"] // 10)
+    sched = runs.warmup(opt, spec["steps"] // 10)
     g = torch.Generator().manual_seed(TEACHER_SEED)
     for _ in range(spec["steps"]):
         x1 = data[torch.randint(len(data), (b["batch"],), generator=g)]
         x0, t = torch.randn(x1.shape, generator=g), torch.rand(len(x1), generator=g)
         adam_update(net, opt, sched, train_teacher.flow_matching_loss(net, x1, x0, t), b["clip"])
-        common.ema_update(ema, net, spec["teacher_ema"])
+        runs.ema_update(ema, net, spec["teacher_ema"])
     return {"name": spec["name"], "state": ema.state_dict()}
 
 
@@ -524,7 +525,7 @@ def realuid(spec):
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), b["lr"], betas=(0.0, 0.999), foreach=True)
     opt_f = torch.optim.Adam(fake.parameters(), b["lr"], betas=(0.0, 0.999), foreach=True)
-    sched_g, sched_f = common.warmup(opt_g, b["warmup"]), common.warmup(opt_f, b["warmup"])
+    sched_g, sched_f = runs.warmup(opt_g, b["warmup"]), runs.warmup(opt_f, b["warmup"])
     gens = [torch.Generator().manual_seed(m["seed"]) for m in members]
 
     def draw():
@@ -539,7 +540,7 @@ def realuid(spec):
         return [None if p[0] is None else torch.stack(p, 1).flatten(0, 1) for p in zip(*parts)]
 
     def score(full=False):
-        x = run_net(lambda z: distill.generate(ema, z), z_eval.repeat_interleave(n, 0),
+        x = run_net(lambda z: flow.generate(ema, z), z_eval.repeat_interleave(n, 0),
                     chunk=len(z_eval) * n if problem == "ring" else 500)
         x = x.view(len(z_eval), n, *x.shape[1:])
         return [metrics(problem, x[:, i], ctx, full) for i in range(n)]
@@ -555,17 +556,17 @@ def realuid(spec):
         for _ in range(FAKE_STEPS):
             z, x0, t, x_d = draw()
             with torch.no_grad():
-                x_g = distill.generate(gen, z)
+                x_g = flow.generate(gen, z)
             # The losses average over all n * batch rows; times n, each member gets its own.
             loss_f = n * distill.fake_model_loss(fake, x_g, x_d, x0, t, alpha=alpha, beta=beta)
             member_update(fake, opt_f, sched_f, loss_f, b["clip"], n)
         z, x0, t, _ = draw()
         fake.requires_grad_(False)
-        loss_g = n * distill.generator_loss(teacher, fake, distill.generate(gen, z), x0, t,
+        loss_g = n * distill.generator_loss(teacher, fake, flow.generate(gen, z), x0, t,
                                             alpha=alpha, beta=beta)
         member_update(gen, opt_g, sched_g, loss_g, b["clip"], n)
         fake.requires_grad_(True)
-        common.ema_update(ema, gen, b["ema"])
+        runs.ema_update(ema, gen, b["ema"])
         for i, ok in enumerate(finite().tolist()):
             if not ok and diverged[i] is None:
                 diverged[i] = step
@@ -604,8 +605,8 @@ def reference_metrics(spec):
         fresh = ring_sample(b["n_eval"], EVAL_SEED + 2)
     else:
         fresh = common.from_uint8(shapes_sample(b["n_eval"], EVAL_SEED + 2)[0])
-    samples = {"data": fresh, f"teacher_euler{nfe}": run_net(lambda x: sample.euler(teacher, x, None,
-               nfe=nfe), z), "one_step_start": run_net(lambda x: distill.generate(gen, x), z)}
+    samples = {"data": fresh, f"teacher_euler{nfe}": run_net(lambda x: flow.euler(teacher, x, None,
+               nfe=nfe), z), "one_step_start": run_net(lambda x: flow.generate(gen, x), z)}
     return {"problem": problem, "scenario": spec["scenario"], "reference": {
         k: metrics(problem, v, ctx) for k, v in samples.items()},
         "samples": {k: v[:1024 if problem == "ring" else 64] for k, v in samples.items()}}
@@ -617,7 +618,7 @@ def final_samples(spec, state):
     gen = make_net(spec["problem"], spec["budget"])
     gen.load_state_dict(state)
     z = eval_noise(spec["problem"], 1024 if spec["problem"] == "ring" else 64)
-    return run_net(lambda x: distill.generate(gen.eval(), x), z)
+    return run_net(lambda x: flow.generate(gen.eval(), x), z)
 
 
 def run_job(job):

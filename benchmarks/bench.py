@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import coupling  # noqa: E402
 import distill  # noqa: E402
+import flow  # noqa: E402
 import train_teacher  # noqa: E402
 from benchmarks import gpu_suite, measure, precision_study  # noqa: E402
 
@@ -95,7 +96,7 @@ def main(args):
         common_flags.append("--compile")
     dargs, s = measure.distill_state(["--teacher", teacher_path, "--alpha", 0.94, "--beta",
                                       0.96, "--fake-steps", args.fake_steps, *common_flags])
-    d, device = s.d, s.device
+    device = s.device
     B, R = args.batch_size, args.repeats
     fake_update, gen_update, cycle = measure.update_fns(s, dargs)
 
@@ -111,13 +112,13 @@ def main(args):
 
     def f_forward_backward_2b():
         with s.amp:
-            out = distill.field(s.fake, t2, xt2, y2, src2)
+            out = flow.field(s.fake, t2, xt2, y2, src2)
         out.float().square().sum().backward()
         s.fake.zero_grad(set_to_none=True)
 
     def g_forward_backward():
         with s.amp:
-            out = distill.generate(s.gen, z, y, src)
+            out = flow.generate(s.gen, z, y, src, s.t_g)
         out.square().sum().backward()
         s.gen.zero_grad(set_to_none=True)
 
@@ -125,7 +126,7 @@ def main(args):
         def pass_():
             x = xt.detach().requires_grad_(True)
             with s.amp:
-                out = distill.field(run, t, x, y, src)
+                out = flow.field(run, t, x, y, src)
             out.float().square().sum().backward()  # parameters frozen: only x gets a gradient
         return pass_
 
@@ -168,7 +169,7 @@ def main(args):
     # one-step sampling.
     targs = train_teacher.parse_args([str(a) for a in common_flags + (
         ["--cond"] if args.cond else []) + (["--task", args.task] if args.task else [])])
-    ts = train_teacher.setup(targs, d)
+    ts = train_teacher.setup(targs, s.proc)
     teacher_update = lambda: train_teacher.teacher_update(ts, targs,                # noqa: E731
                                                           train_teacher.draw(ts, targs))
     teacher_update()

@@ -35,6 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import distill  # noqa: E402
+import flow  # noqa: E402
+import runs  # noqa: E402
 from benchmarks import measure  # noqa: E402
 
 
@@ -106,7 +108,7 @@ class AuthorsLoop:
         x_d, x0, t, z = self.batch()
         self.gen.eval()
         self.opt_u.zero_grad()
-        x_g = distill.generate(self.gen, z).detach()  # graph built, then dropped
+        x_g = flow.generate(self.gen, z).detach()  # graph built, then dropped
         loss = authors_fake_objective(self.u, t, x0, x_g, x_d, None, self.args.alpha,
                                       self.args.beta)
         loss.backward()
@@ -119,7 +121,7 @@ class AuthorsLoop:
         _, x0, t, z = self.batch()
         self.u.eval()
         self.opt_g.zero_grad()
-        x_g = distill.generate(self.gen, z)
+        x_g = flow.generate(self.gen, z)
         loss = authors_generator_loss(self.u, self.teacher, t, x0, x_g, None, self.args.alpha,
                                       self.args.beta)
         loss.backward()  # also fills u's parameter gradients
@@ -135,7 +137,7 @@ def gradients_agree(s, args):
     batch = distill.draw(s, args)
     z, x0, t, x_d = batch["z"], batch["x0"], batch["t"], batch["x_d"]
     with torch.no_grad():
-        x_g = distill.generate(s.gen, z)
+        x_g = flow.generate(s.gen, z)
 
     def grads(net, loss):
         net.zero_grad(set_to_none=True)
@@ -152,10 +154,10 @@ def gradients_agree(s, args):
     theirs_f = grads(s.fake, authors_fake_objective(s.fake, t, x0, x_g, x_d, None, args.alpha,
                                                     args.beta))
     s.fake.requires_grad_(False)
-    ours_g = grads(s.gen, distill.generator_loss(s.teacher, s.fake, distill.generate(s.gen, z),
+    ours_g = grads(s.gen, distill.generator_loss(s.teacher, s.fake, flow.generate(s.gen, z),
                                                  x0, t, alpha=args.alpha, beta=args.beta))
     theirs_g = grads(s.gen, authors_generator_loss(s.fake, s.teacher, t, x0,
-                                                   distill.generate(s.gen, z), None, args.alpha,
+                                                   flow.generate(s.gen, z), None, args.alpha,
                                                    args.beta))
     s.fake.requires_grad_(True)
     return {"fake_model": rel(-theirs_f, ours_f), "generator": rel(theirs_g, ours_g)}
@@ -184,8 +186,7 @@ def main(args):
              "--beta", 0.96, "--batch-size", args.batch_size, "--warmup", 0, "--workers", 0]
     dargs = distill.parse_args([str(a) for a in flags + (["--device", args.device]
                                                           if args.device else [])])
-    d = common.Dist(dargs.device)
-    s = distill.setup(dargs, d)
+    s = distill.setup(dargs, runs.Process(dargs.device))
     with torch.no_grad():  # a fresh fake model outputs zeros (zero-initialised last layers)
         for p in s.fake.parameters():
             if p.dim() > 1 and p.abs().max() == 0:

@@ -183,8 +183,10 @@ def measure_config(config, args, files, shared):
             net.load_state_dict(sd)  # in place: the frozen alias of f follows
         if eps is not None:
             measure.approach_teacher(s.fake, s.teacher, eps)
-        grads = {"generator": measure.objective_gradient(s.g, batch, s.amp)[0],
-                 "fake": measure.objective_gradient(s.f, batch, s.amp)[0]}
+        grads = {"generator": measure.update_gradient(distill.generator_update, s.gen_player,
+                                                      s, dargs, batch)[0],
+                 "fake": measure.update_gradient(distill.fake_update, s.fake_player, s, dargs,
+                                                 batch)[0]}
         finite = finite and all(torch.isfinite(g).all() for g in grads.values())
         if (mode, precision) == ("eager", "fp32"):
             shared["reference"][B, state] = grads

@@ -5,6 +5,7 @@ Shared by benchmarks/bench.py, its suites (gpu_suite.py, precision_study.py) and
 benchmarks; it imports no benchmark, so that no two benchmarks import each other through it.
 """
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
 import coupling
 import distill
+import flow
+import runs
 import unet
 
 
@@ -146,10 +148,7 @@ def distill_state(argv):
     """distill.py's own set-up for a command line: (args, state) as distill.main builds them,
     backends configured for the precision (no run folder is written)."""
     dargs = distill.parse_args([str(a) for a in argv])
-    d = common.Dist(dargs.device)
-    s = distill.setup(dargs, d)  # resolves --precision auto
-    common.configure_backends(d.device, dargs.precision, dargs.deterministic)
-    return dargs, s
+    return dargs, distill.setup(dargs, runs.Process(dargs.device))  # resolves --precision auto
 
 
 def update_fns(s, dargs):
@@ -173,30 +172,40 @@ def generator_forward(s, z, y, src=None):
     unit."""
     def g_forward():
         with torch.no_grad(), s.amp:
-            distill.generate(s.gen, z, y, src)
+            flow.generate(s.gen, z, y, src, s.t_g)
     return g_forward
 
 
 # ---------------------------------------------------------------------------------------------
 # Gradients.
 
-def objective_gradient(player, batch, amp):
-    """The flattened gradient (float64, on the CPU) of one player's objective on one batch, as
-    common.Player.update computes it: `player.run(batch)` under `amp`, backward, before
-    clipping; the optimizer is not stepped and the gradients are cleared. With fp16 the loss
-    goes through the player's gradient scale and back; a scale that overflows is halved, as
-    GradScaler does between updates. Returns (gradient, objective value, scale used)."""
-    scale = player.scaler.get_scale() if player.scaler.is_enabled() else 1.0
-    while True:
-        with amp:
-            objective, _ = player.run(batch)
-        (objective * scale).backward()
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          .double().cpu() for p in player.params]) / scale
+def update_gradient(update, player, s, dargs, batch):
+    """The flattened gradient (float64, on the CPU) that one of distill.py's updates
+    (`distill.fake_update` with `s.fake_player`, `distill.generator_update` with
+    `s.gen_player`) computes on `batch`, before clipping: the update runs with no clipping and
+    with the player's step replaced by a read of the gradients, so the optimizer is not stepped
+    (a generator update still moves its EMAs) and the gradients are cleared. With fp16 the
+    update's gradient scale is undone by its own unscaling; after an overflow the scaler halves
+    the scale and the update runs again, as between training updates. Returns (gradient,
+    value of the objective, scale used)."""
+    read = {}
+
+    def read_gradient():
+        read["grad"] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                  .flatten().double().cpu() for p in player.params])
+        read["scale"] = player.scaler.get_scale() if player.scaler.is_enabled() else 1.0
+        player.scaler.update()
         player.opt.zero_grad(set_to_none=True)
-        if torch.isfinite(grad).all() or scale <= 1:
-            return grad, objective.item(), scale
-        scale /= 2
+
+    clip, dargs.grad_clip, player.step = dargs.grad_clip, math.inf, read_gradient
+    try:
+        while True:
+            terms, _ = update(s, dargs, batch)
+            if torch.isfinite(read["grad"]).all() or read["scale"] <= 1:
+                return read["grad"], float(sum(terms.values())), read["scale"]
+    finally:
+        dargs.grad_clip = clip
+        del player.step  # the class's step again
 
 
 def compare(g, ref):

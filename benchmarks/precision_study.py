@@ -11,9 +11,9 @@ is much faster than two when other processes share the two cores).
    (alpha 0.94, beta 0.96, --distill-steps).
 2. On one fixed batch of 64, for each precision, sets the run up with distill.setup (generator
    and fake model from the run's checkpoint, `--init-from ... --fake-init init-from`) and
-   computes the players' own objectives `s.g.run(mb)` / `s.f.run(mb)` under `s.amp` with a
-   backward (measure.objective_gradient; the optimizers are not stepped): the generator gradient
-   and the fake model's gradient, flattened.
+   runs distill.py's own generator and fake-model updates without their optimizer steps
+   (measure.update_gradient): the generator gradient and the fake model's gradient before
+   clipping, flattened.
 3. Compares bf16, mixed and, with --precisions, fp16 with fp32 (cosine similarity and
    relative error |g - g_ref| / |g_ref|), and fp32 with float64 computed the same way (the
    floor of the comparison). float64: every network in float64, except the sinusoidal
@@ -25,7 +25,7 @@ fp16 on a CPU is opt-in (`--precisions bf16 fp16 mixed`): torch 2.14's CPU autoc
 convolutions in float16, but the weight gradient of a float16 convolution takes a slow path
 there (4.3 s for one 64-channel 3x3 convolution at batch 64, 16x16, against 0.017 s in
 float32 and 0.01 s in bf16 on a 2-core Xeon VM with AMX), and the gradient scaler's back-off
-(measure.objective_gradient) repeats the backward pass: the fp16 rows of one state did not
+(measure.update_gradient) repeats the backward pass: the fp16 rows of one state did not
 finish in 20 minutes there. float64 convolutions are slow on CPUs too (0.6 s for that one):
 the fp64 reference takes half of the default run's gradient time.
 
@@ -146,12 +146,15 @@ def gradients(argv, precision, eps, batch):
     if eps is not None:
         measure.approach_teacher(s.fake, s.teacher, eps)
     if precision == "fp64":
-        for net in (s.teacher, s.gen, s.fake, s.fake_frozen):  # the alias has its own copy
+        # the frozen aliases hold their own copies; the EMAs follow the generator update
+        for net in (s.teacher, s.gen, s.fake, s.gen_frozen, s.fake_frozen, *s.emas.values()):
             to_float64(net)
         batch = {k: v.double() if v is not None and v.is_floating_point() else v
                  for k, v in batch.items()}
-    g_gen, loss_gen, scale_gen = measure.objective_gradient(s.g, batch, s.amp)
-    g_fake, loss_fake, scale_fake = measure.objective_gradient(s.f, batch, s.amp)
+    g_gen, loss_gen, scale_gen = measure.update_gradient(distill.generator_update, s.gen_player,
+                                                         s, dargs, batch)
+    g_fake, loss_fake, scale_fake = measure.update_gradient(distill.fake_update, s.fake_player,
+                                                            s, dargs, batch)
     return {"generator": g_gen, "fake": g_fake, "loss_gen": loss_gen, "loss_fake": loss_fake,
             "scale": {"generator": scale_gen, "fake": scale_fake}}
 

@@ -117,8 +117,8 @@ def test_gpu_suite_budget(tmp_path, monkeypatch):
 
 
 def tiny_run(tmp_path, *flags):
-    """distill.py's state on a tiny random teacher, with a random fake model that computes
-    something, and one fixed batch."""
+    """distill.py's arguments and state on a tiny random teacher, with a random fake model that
+    computes something, and one fixed batch."""
     tmp, teacher, data = measure.scratch_files(8, cond=False, net_config=gpu_suite.TINY_NET,
                                                folder=tmp_path)
     dargs, s = measure.distill_state(["--teacher", teacher, "--data", data, "--out", tmp,
@@ -126,32 +126,35 @@ def tiny_run(tmp_path, *flags):
                                       "--device", "cpu", "--workers", 0, *flags])
     torch.manual_seed(1)
     measure.fill_zero_layers(s.fake)
-    return s, distill.draw(s, dargs)
+    return dargs, s, distill.draw(s, dargs)
 
 
-def gradients(s, batch):
-    return [measure.objective_gradient(p, batch, s.amp)[0] for p in (s.g, s.f)]
+def gradients(dargs, s, batch):
+    """The generator's and the fake model's gradients of distill.py's updates on `batch`."""
+    return [measure.update_gradient(update, player, s, dargs, batch)[0]
+            for update, player in ((distill.generator_update, s.gen_player),
+                                   (distill.fake_update, s.fake_player))]
 
 
 @pytest.mark.parametrize("flags", [["--compile"], ["--channels-last"]],
                          ids=["compile-aot_eager", "channels-last"])
 def test_same_update_as_the_default(tmp_path, monkeypatch, one_thread, flags):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    s, batch = tiny_run(tmp_path / "default")
-    t, batch_t = tiny_run(tmp_path / "other", *flags)
+    dargs, s, batch = tiny_run(tmp_path / "default")
+    dargs_t, t, batch_t = tiny_run(tmp_path / "other", *flags)
     assert all(torch.equal(batch[k], batch_t[k]) for k in ("z", "x0", "t", "x_d"))
     if "--compile" in flags:
-        assert isinstance(t.g.run, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(t.gen_player.forward, torch._dynamo.eval_frame.OptimizedModule)
     else:
         assert t.gen.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    for name, g, g_t in zip(("generator", "fake model"), gradients(s, batch),
-                            gradients(t, batch_t)):
+    for name, g, g_t in zip(("generator", "fake model"), gradients(dargs, s, batch),
+                            gradients(dargs_t, t, batch_t)):
         assert g.norm() > 0
         assert measure.compare(g_t, g)["rel_err"] < 1e-5, name
 
 
 def test_approach_teacher_and_float64(tmp_path, one_thread):
-    s, batch = tiny_run(tmp_path)
+    _, s, batch = tiny_run(tmp_path)
     f0 = {k: v.clone() for k, v in s.fake.state_dict().items()}
     measure.approach_teacher(s.fake, s.teacher, 1e-3)
     for k, v in s.fake.state_dict().items():
