@@ -60,8 +60,8 @@ import common  # noqa: E402
 import distill  # noqa: E402
 import fid  # noqa: E402
 import flow  # noqa: E402
-import runs  # noqa: E402
 import train_teacher  # noqa: E402
+import training  # noqa: E402
 import unet  # noqa: E402
 from benchmarks import measure  # noqa: E402
 from plot import COLORS, FONT, line_chart, mosaic  # noqa: E402
@@ -449,13 +449,13 @@ def train_fm_teacher(spec):
     net = make_net(problem, b)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), b["teacher_lr"], betas=(0.9, 0.999), foreach=True)
-    sched = runs.warmup(opt, spec["steps"] // 10)
+    sched = training.warmup(opt, spec["steps"] // 10)
     g = torch.Generator().manual_seed(TEACHER_SEED)
     for _ in range(spec["steps"]):
         x1 = data[torch.randint(len(data), (b["batch"],), generator=g)]
         x0, t = torch.randn(x1.shape, generator=g), torch.rand(len(x1), generator=g)
         adam_update(net, opt, sched, train_teacher.flow_matching_loss(net, x1, x0, t), b["clip"])
-        runs.ema_update(ema, net, spec["teacher_ema"])
+        training.ema_update(ema, net, spec["teacher_ema"])
     return {"name": spec["name"], "state": ema.state_dict()}
 
 
@@ -525,7 +525,7 @@ def realuid(spec):
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), b["lr"], betas=(0.0, 0.999), foreach=True)
     opt_f = torch.optim.Adam(fake.parameters(), b["lr"], betas=(0.0, 0.999), foreach=True)
-    sched_g, sched_f = runs.warmup(opt_g, b["warmup"]), runs.warmup(opt_f, b["warmup"])
+    sched_g, sched_f = training.warmup(opt_g, b["warmup"]), training.warmup(opt_f, b["warmup"])
     gens = [torch.Generator().manual_seed(m["seed"]) for m in members]
 
     def draw():
@@ -566,7 +566,7 @@ def realuid(spec):
                                             alpha=alpha, beta=beta)
         member_update(gen, opt_g, sched_g, loss_g, b["clip"], n)
         fake.requires_grad_(True)
-        runs.ema_update(ema, gen, b["ema"])
+        training.ema_update(ema, gen, b["ema"])
         for i, ok in enumerate(finite().tolist()):
             if not ok and diverged[i] is None:
                 diverged[i] = step

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import distill  # noqa: E402
 import flow  # noqa: E402
-import runs  # noqa: E402
+import training  # noqa: E402
 from benchmarks import measure  # noqa: E402
 
 
@@ -186,7 +186,7 @@ def main(args):
              "--beta", 0.96, "--batch-size", args.batch_size, "--warmup", 0, "--workers", 0]
     dargs = distill.parse_args([str(a) for a in flags + (["--device", args.device]
                                                           if args.device else [])])
-    s = distill.setup(dargs, runs.Process(dargs.device))
+    s = distill.setup(dargs, training.Process(dargs.device))
     with torch.no_grad():  # a fresh fake model outputs zeros (zero-initialised last layers)
         for p in s.fake.parameters():
             if p.dim() > 1 and p.abs().max() == 0:
