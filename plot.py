@@ -1,10 +1,12 @@
 """Plot a training run's metrics.jsonl as one PNG: losses, gradient norms, learning rate,
-in-training FID and speed against the step, one panel each (only those with data). Pillow only.
+in-training FID and speed against the step, one panel each (only those with data), and a dotted
+line at every step the run was resumed from. Needs matplotlib (`pip install matplotlib`; optional:
+training and sampling never import it).
 
     python plot.py runs/toy_distill        # writes runs/toy_distill/metrics.png, in seconds
     python plot.py runs/teacher_uncond/metrics.jsonl --out teacher.png --width 800 --cols 1
 
-What the panels show (the records of common.RunLog.step and common.evaluate_fid):
+What the panels show (the records of runs.RunLog.step and runs.Run.evaluate_fid):
 - losses: every `loss_*` term, the mean over the steps since the previous record: `loss_fm`
   (teacher v*, flow matching), `loss_fake` (fake model f), `loss_gen` (generator G), and with
   the GAN terms `loss_gan_disc`, `loss_gan_gen`;
@@ -19,93 +21,39 @@ What the panels show (the records of common.RunLog.step and common.evaluate_fid)
 A resumed run appends to the same file and logs first at its checkpoint's step + 1, so a status
 record whose step is not after the previous status record's starts a new attempt: the records
 of the abandoned attempt from that step on are left out (`final_history`), and the later record
-of a step wins.
+of a step wins. A resume shows as well when the step does follow: `elapsed_s` (the run's
+training time) continues from the checkpoint while the wall clock `time` went on, so `time -
+elapsed_s`, constant within one process, jumps by the time between the save and the restart
+(`resume_steps`; a machine that was suspended during a run shows such a jump too).
 
-The chart primitives (`line_chart`, `mosaic`, `COLORS`, `FONT`) are shared with ablation.py.
+`new_figure` gives the benchmarks' figures (benchmarks/ablation.py, coupling_evidence.py) the same
+lazily imported matplotlib, drawn by Agg.
 """
 import argparse
 import json
 import math
 import os
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
 import common
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-FONT = ImageFont.load_default()
-HEADER = 20  # pixels of the figure's title line above the panels
+DPI = 100  # pixels per inch of the PNG files: sizes are given in pixels
+HEADER = 30  # pixels of the figure's title line above the panels
+RESTART_GAP_S = 0.5  # a jump of `time - elapsed_s` above this between two records: a restart
 
 
-# ---------------------------------------------------------------------------------------------
-# Chart primitives (also ablation.py's figures).
-
-def line_chart(series, title, xlabel, ylabel, hlines=(), size=(640, 400), logy=False,
-               xlim=None, xfmt=".4g", markers=False):
-    """A line chart: series [(label, xs, ys, colour)], dashed horizontal references
-    [(label, y, colour)]; xlim (x0, x1) fixes the x range (default: the data's), xfmt formats
-    the x tick values, markers draws a dot at every point (a series of one point shows).
-    Non-finite y values are skipped. Returns a PIL image."""
-    W, H = size
-    L, R, T, B = 70, 170, 28, 42
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    ys = [y for _, _, yy, _ in series for y in yy if np.isfinite(y)] + [y for _, y, _ in hlines]
-    xs = [x for _, xx, _, _ in series for x in xx] or [0, 1]
-    f = (lambda v: math.log10(max(v, 1e-12))) if logy else (lambda v: v)
-    lo, hi = (min(map(f, ys)), max(map(f, ys))) if ys else (0, 1)
-    lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    if xlim is not None:
-        x0, x1 = xlim
-
-    def px(x, y):
-        return (L + (x - x0) / (x1 - x0) * (W - L - R), T + (hi - f(y)) / (hi - lo) * (H - T - B))
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for i in range(5):
-        v = lo + i * (hi - lo) / 4
-        yv = 10 ** v if logy else v
-        _, yp = px(x0, yv)
-        d.line([L - 4, yp, L, yp], fill="black")
-        d.text((4, yp - 6), f"{yv:.3g}", fill="black", font=FONT)
-        xv = x0 + i * (x1 - x0) / 4
-        xp, _ = px(xv, yv)
-        d.line([xp, H - B, xp, H - B + 4], fill="black")
-        d.text((xp - 12, H - B + 6), f"{xv:{xfmt}}", fill="black", font=FONT)
-    d.text((L, 6), title, fill="black", font=FONT)
-    d.text(((W - R + L) // 2 - 40, H - 16), xlabel, fill="black", font=FONT)
-    d.text((4, T - 24), ylabel, fill="black", font=FONT)
-    items = []
-    for label, y, c in hlines:
-        _, yp = px(x0, y)
-        for xa in range(L, W - R, 10):
-            d.line([xa, yp, min(xa + 5, W - R), yp], fill=c)
-        items.append((label + " (dashed)", c))
-    for label, xx, yy, c in series:
-        pts = [px(x, y) for x, y in zip(xx, yy) if np.isfinite(y)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        if markers:
-            for xp, yp in pts:
-                d.ellipse([xp - 2, yp - 2, xp + 2, yp + 2], fill=c)
-        items.append((label, c))
-    for i, (label, c) in enumerate(items):
-        d.rectangle([W - R + 8, T + 4 + 16 * i, W - R + 18, T + 12 + 16 * i], fill=c)
-        d.text((W - R + 22, T + 2 + 16 * i), label, fill="black", font=FONT)
-    return img
-
-
-def mosaic(images, cols, pad=6):
-    """Images in a grid of `cols` columns, each cell the size of the largest, on white."""
-    w, h = max(i.width for i in images), max(i.height for i in images)
-    rows = math.ceil(len(images) / cols)
-    out = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
-    for n, im in enumerate(images):
-        r, c = divmod(n, cols)
-        out.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
-    return out
+def new_figure(width, height):
+    """An empty matplotlib Figure of width x height pixels with constrained layout, drawn by
+    the Agg backend (no pyplot, no window, no global state). matplotlib is imported here, so
+    that only the scripts that draw need it; without it this fails in one line."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        common.fail("drawing figures needs matplotlib, which is not installed: "
+                    "pip install matplotlib")
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +113,30 @@ def final_history(records):
     return sorted(kept, key=lambda r: r["step"])
 
 
+def resume_steps(records):
+    """The checkpoint steps from which the final history was resumed, ascending. A status record
+    starts a new process when its step is not after the previous status record's, or when
+    `time - elapsed_s` grew by more than RESTART_GAP_S since that record (see the module
+    docstring); a new process logs first after its first step, so it resumed from the step
+    before. A later resume from an earlier step drops the marks it abandons."""
+    marks, prev = [], None
+    for r in records:
+        if "fid" in r:
+            continue
+        if prev is not None and (r["step"] <= prev["step"] or restarted(prev, r)):
+            marks = [m for m in marks if m < r["step"] - 1] + [r["step"] - 1]
+        prev = r
+    return [m for m in marks if m > 0]
+
+
+def restarted(prev, r):
+    """Whether the wall clock ran on between two records more than the run's training time did
+    (both need `time` and `elapsed_s`)."""
+    if not all(number(x.get(k)) for x in (prev, r) for k in ("time", "elapsed_s")):
+        return False
+    return (r["time"] - r["elapsed_s"]) - (prev["time"] - prev["elapsed_s"]) > RESTART_GAP_S
+
+
 def number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -217,26 +189,46 @@ def panels(records, grad_clip=None):
     return out
 
 
-def figure(specs, title, width=640, cols=2):
-    """The panels as one image: a title line, then a grid of `cols` columns of line charts of
-    width x (5/8 width) pixels; the x axis of every panel runs from step 0 to the last step."""
+def figure(specs, title, resumes=(), width=640, cols=2):
+    """The panels as one matplotlib Figure: a title line, then a grid of `cols` columns of
+    width x (5/8 width) pixels, one panel each, legends to the right of the axes; the x axis of
+    every panel runs from step 0 to the last step; a dotted black line at every step in
+    `resumes` (the title names them)."""
+    rows, cols = math.ceil(len(specs) / cols), min(cols, len(specs))
+    fig = new_figure(cols * width, rows * (width * 5 // 8) + HEADER)
+    from matplotlib import ticker  # there: new_figure has imported matplotlib
+    fig.suptitle(title, fontsize="medium", wrap=True)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
     last = max(max(xs) for p in specs for _, xs, _ in p["series"])
-    x1 = max(last, 1)
-    xfmt = ",.0f" if x1 >= 100 else ".3g"
-    charts = []
-    for p in specs:
-        lines = [(label, xs, ys, COLORS[i % len(COLORS)])
-                 for i, (label, xs, ys) in enumerate(p["series"])]
-        hlines = [(label, y, (120, 120, 120)) for label, y in p["hlines"]]
+    for ax, p in zip(axes, specs):
         few = max(len(xs) for _, xs, _ in p["series"]) <= 30
-        charts.append(line_chart(lines, p["title"], "step", p["ylabel"], hlines,
-                                 size=(width, width * 5 // 8), logy=p["logy"], xlim=(0, x1),
-                                 xfmt=xfmt, markers=few or p["markers"]))
-    grid = mosaic(charts, min(cols, len(charts)))
-    out = Image.new("RGB", (grid.width, grid.height + HEADER), "white")
-    out.paste(grid, (0, HEADER))
-    ImageDraw.Draw(out).text((6, 5), title, fill="black", font=FONT)
-    return out
+        for label, xs, ys in p["series"]:
+            ax.plot(xs, ys, label=label, linewidth=1.5,
+                    marker="o" if few or p["markers"] else None, markersize=3)
+        for label, y in p["hlines"]:
+            ax.axhline(y, color="0.45", linestyle="--", linewidth=1, label=label)
+        for step in resumes:
+            ax.axvline(step, color="black", linestyle=":", linewidth=1.2)
+        ax.set_title(p["title"], fontsize="medium")
+        ax.set_xlabel("step")
+        ax.set_ylabel(p["ylabel"])
+        ax.set_xlim(0, max(last, 1))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        ax.xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
+        if p["logy"]:  # plain numbers (100, 0.5): the decades, and within one decade 2..9 x
+            ax.set_yscale("log")
+            plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            low, high = ax.get_ylim()
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain if high < 10 * low else ticker.NullFormatter())
+        else:  # 0.5 1.0 1.5 with the power of ten once above the axis
+            formatter = ticker.ScalarFormatter(useMathText=True)
+            formatter.set_powerlimits((-3, 4))
+            ax.yaxis.set_major_formatter(formatter)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+    for ax in axes[len(specs):]:
+        ax.remove()
+    return fig
 
 
 def run_grad_clip(path):
@@ -254,8 +246,8 @@ def run_grad_clip(path):
 def panel_width(text):
     value = common.positive_int(text)
     if value < 400:
-        raise argparse.ArgumentTypeError(f"{text} is below 400 (the axes and the legend "
-                                         "take 240 pixels)")
+        raise argparse.ArgumentTypeError(f"{text} is below 400 (the axis labels and the "
+                                         "legend beside the axes need the room)")
     return value
 
 
@@ -287,12 +279,17 @@ def main(args):
                     "sec_per_step values); is it a train_teacher.py or distill.py metrics.jsonl?")
     steps = [r["step"] for r in history]
     dropped = len(records) - len(history)
+    resumes = resume_steps(records)
+    resumed = (f"; resumed from step {', '.join(map(str, resumes))} (dotted)" if resumes
+               else "")
     title = (f"{path}: steps {min(steps)}-{max(steps)}, {len(history)} records"
-             + (f" ({dropped} of abandoned attempts before resumes left out)" if dropped else ""))
+             + (f" ({dropped} of abandoned attempts before resumes left out)" if dropped else "")
+             + resumed)
+    fig = figure(specs, title, resumes, args.width, args.cols)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    figure(specs, title, args.width, args.cols).save(out)
+    fig.savefig(out)
     print(f"wrote {out}: {', '.join(p['name'] for p in specs)}; "
-          f"steps {min(steps)}-{max(steps)}")
+          f"steps {min(steps)}-{max(steps)}{resumed}")
     return out
 
 

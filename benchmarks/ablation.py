@@ -11,9 +11,11 @@ teachers' `train_teacher.flow_matching_loss`:
     python benchmarks/ablation.py --quick --out results/ablation   # < 10 min on 2 CPU cores
     python benchmarks/ablation.py --full --out results/ablation_full  # hours (not run yet)
     python benchmarks/ablation.py --quick --problems analytic  # the closed-form figure, seconds
+    python benchmarks/ablation.py --redraw --out results/ablation  # its figures again, seconds
 
 What it does (every number goes to <out>/ablation.json, the tables to <out>/ablation.md, the
-figures to <out>/*.png; the README's ablation section discusses them):
+figures to <out>/*.png, drawn with matplotlib (`pip install matplotlib`); docs/ablation.md
+discusses them):
 1. ring: 2-D data, 8 Gaussians on a circle with unequal weights (2:1), MLP networks. Scenarios
    `weak-teacher` (the teacher is under-trained), `missing-modes` (a good teacher, but the
    generator starts from a data-free distillation of a teacher that never saw two of the modes:
@@ -52,7 +54,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
+import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,11 +62,11 @@ import common  # noqa: E402
 import distill  # noqa: E402
 import fid  # noqa: E402
 import flow  # noqa: E402
+import plot  # noqa: E402
 import train_teacher  # noqa: E402
 import training  # noqa: E402
 import unet  # noqa: E402
 from benchmarks import measure  # noqa: E402
-from plot import COLORS, FONT, line_chart, mosaic  # noqa: E402
 
 GRID = (0.94, 0.96, 0.98, 1.0)
 FULL_SETTINGS = [(a, b) for a in GRID for b in GRID] + [(0.9, 0.9)]
@@ -710,54 +712,96 @@ def convergence(table, metric_final_key):
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures with pillow (no matplotlib); line_chart, mosaic, COLORS and FONT are plot.py's.
+# Figures (matplotlib through plot.new_figure: imported only when drawing).
 
-def scatter(points, title, lim=3.2, size=220, centers=None):
-    img = Image.new("RGB", (size, size + 16), "white")
-    d = ImageDraw.Draw(img)
-    d.text((4, 2), title, fill="black", font=FONT)
-
-    def px(p):
-        return ((p[0] + lim) / (2 * lim) * size, 16 + (lim - p[1]) / (2 * lim) * size)
-    if centers is not None:
-        for c in centers.tolist():
-            x, y = px(c)
-            d.ellipse([x - 12, y - 12, x + 12, y + 12], outline=(200, 200, 200))
-    for p in points.tolist():
-        x, y = px(p)
-        d.point((x, y), fill=(31, 119, 180))
-    return img
+ANALYTIC_SETTINGS = [(1.0, 1.0), (0.96, 0.96), (0.94, 0.96), (0.98, 0.96), (0.94, 1.0),
+                     (1.0, 0.96)]
+SAMPLE_PANEL = (280, 300)  # pixels of one panel of a samples figure
 
 
-def image_grid(x, title, nrow=8, scale=3):
-    """A grid of images in [-1, 1] [n, 1, h, w] (uint8 quantised), upscaled, with a title."""
-    x = common.to_uint8(x)[:, 0].numpy()
-    n, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1), 128, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = x[i]
-    im = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                      Image.NEAREST).convert("RGB")
-    out = Image.new("RGB", (im.width, im.height + 16), "white")
-    out.paste(im, (0, 16))
-    ImageDraw.Draw(out).text((2, 2), title, fill="black", font=FONT)
-    return out
+def analytic_figures(pic, out):
+    """analytic_heatmaps.png: the Lemma 2 loss density over (t, x) of every setting, each time
+    row scaled by its largest value over x and the bounded settings (so that the panels compare
+    at every t; alpha = 1 != beta is unbounded and gets its own scale); analytic_t0.9.png: the
+    densities at t = 0.9 beside p_d and p_g."""
+    density = pic["density"]
+    bounded = [d for (a, b), d in density.items() if a < 1 or b == 1]
+    row_max = torch.stack([d.max(1).values for d in bounded]).max(0).values[:, None]
+    fig = plot.new_figure(960, 520)
+    axes = fig.subplots(2, 3, sharex=True, sharey=True).flatten()
+    for ax, ((a, b), d) in zip(axes, density.items()):
+        own = a == 1 and b < 1
+        scaled = (d / (d.max(1, keepdim=True).values if own else row_max)).clamp(max=1)
+        image = ax.imshow(scaled.numpy(), origin="lower", aspect="auto", cmap="Blues", vmin=0,
+                          vmax=1, extent=(-4, 4, 0, 1), interpolation="bilinear")
+        ax.set_title(f"alpha={a:g} beta={b:g}" + (" (unbounded: own scale)" if own else ""),
+                     fontsize="medium")
+    for ax in axes[3:]:
+        ax.set_xlabel("x")
+    for ax in axes[::3]:
+        ax.set_ylabel("t")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="loss density / its row's maximum")
+    fig.savefig(os.path.join(out, "analytic_heatmaps.png"))
+
+    i = int(0.9 * len(pic["t"]))
+    x = pic["x"].numpy()
+    fig = plot.new_figure(760, 420)
+    ax = fig.subplots()
+    dens = {k: v[i] for k, v in density.items() if k != (1.0, 0.96)}
+    top = max(float(v.max()) for v in dens.values())
+    for (a, b), v in dens.items():
+        ax.plot(x, (v / top).numpy(), label=f"alpha={a:g} beta={b:g}")
+    for label, v, colour in (("p_d (data)", pic["p_d"][i], "black"),
+                             ("p_g (generator)", pic["p_g"][i], "0.6")):
+        ax.plot(x, (v / v.max()).numpy(), color=colour, linestyle="--", label=label)
+    ax.set(title=f"Lemma 2 loss density at t = {pic['t'][i]:.2f} (scaled)", xlabel="x",
+           ylabel="density / max")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+    fig.savefig(os.path.join(out, "analytic_t0.9.png"))
 
 
-def heatmap(values, title, size=(240, 160)):
-    """values [n_t, n_x] in [0, 1] shown with t upwards, x to the right."""
-    v = values.numpy()
-    anchors = np.array([[255, 255, 255], [120, 170, 220], [30, 60, 160], [10, 10, 40]], float)
-    pos = np.clip(v, 0, 1) * (len(anchors) - 1)
-    i = np.minimum(pos.astype(int), len(anchors) - 2)
-    rgb = anchors[i] + (pos - i)[..., None] * (anchors[i + 1] - anchors[i])
-    im = Image.fromarray(rgb[::-1].astype(np.uint8)).resize(size, Image.BILINEAR)
-    out = Image.new("RGB", (size[0], size[1] + 16), "white")
-    out.paste(im, (0, 16))
-    ImageDraw.Draw(out).text((2, 2), title, fill="black", font=FONT)
-    return out
+def curves_figure(path, problem, scenario, res):
+    """The mean curve over seeds of the EMA generator's main metric against generator updates
+    for data-free, the paper's setting and the best real-data setting, with the references
+    (the data's own floor, the teacher, the one-step start) as dashed lines."""
+    table, conv, metric = res["table"], res["convergence"], PRIMARY[problem]
+    fig = plot.new_figure(760, 440)
+    ax = fig.subplots()
+    for k in dict.fromkeys([key(1.0, 1.0), key(*PAPER), conv.get("best")]):
+        if k in table:
+            ax.plot(table[k]["curve_steps"], table[k]["curve_mean"], marker="o", markersize=2,
+                    label=k + (" (best)" if k == conv.get("best") else ""))
+    for (name, v), colour in zip(res["reference"].items(), ("0.5", "tab:purple", "black")):
+        ax.axhline(v[metric], color=colour, linestyle="--", linewidth=1, label=name)
+    ax.set(title=f"{problem} / {scenario}: {metric} of the EMA generator (mean over seeds)",
+           xlabel="generator updates", ylabel=metric)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+    fig.savefig(path)
+
+
+def samples_figure(path, problem, panels, cols=3):
+    """One panel per (title, samples): 2-D points as a scatter over the ring's modes (circles of
+    radius 3 std), 8x8 images as a grid (uint8 quantised), `cols` panels a row."""
+    rows = math.ceil(len(panels) / cols)
+    fig = plot.new_figure(cols * SAMPLE_PANEL[0], rows * SAMPLE_PANEL[1])
+    from matplotlib.patches import Circle  # there: plot.new_figure has imported matplotlib
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax, (title, x) in zip(axes, panels):
+        if problem == "ring":
+            centers, _, std = ring_modes()
+            for c in centers.tolist():  # where mode_masses counts a point on its mode
+                ax.add_patch(Circle(c, 3 * std, fill=False, color="0.75"))
+            ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1, alpha=0.5, linewidths=0)
+            ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), aspect="equal", xticks=[], yticks=[])
+        else:
+            grid = torchvision.utils.make_grid(common.to_uint8(x), nrow=8, padding=1,
+                                               pad_value=128)
+            ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.axis("off")
+        ax.set_title(title, fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.remove()
+    fig.savefig(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,6 +885,10 @@ def build_parser():
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel worker processes (1: everything in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--redraw", action="store_true",
+                   help="only draw the figures again, from --out's ablation.json (the analytic "
+                        "ones from the closed form); the sample panels need the trained "
+                        "generators and are left as they are")
     return p
 
 
@@ -860,7 +908,27 @@ def plan(args):
     return budgets, settings, scenarios
 
 
+def redraw(out):
+    """The analytic and curve figures of a finished run folder, from its ablation.json."""
+    path = os.path.join(out, "ablation.json")
+    if not os.path.isfile(path):
+        common.fail(f"{path} not found: --redraw draws the figures of a finished run's --out")
+    with open(path) as f:
+        report = json.load(f)
+    for name, res in report["problems"].items():
+        if name == "analytic":
+            analytic_figures(analytic_picture(ANALYTIC_SETTINGS), out)
+        elif "/" in name:
+            problem, scenario = name.split("/")
+            curves_figure(os.path.join(out, f"{problem}_{scenario}_curves.png"), problem,
+                          scenario, res)
+    print(f"redrew the analytic and curve figures in {out} from {path}")
+
+
 def main(args):
+    if args.redraw:
+        return redraw(args.out)
+    plot.new_figure(1, 1)  # without matplotlib: fail now in one line, not after the runs
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -874,27 +942,8 @@ def main(args):
 
     if "analytic" in args.problems:
         t0 = time.perf_counter()
-        pic = analytic_picture([(1.0, 1.0), (0.96, 0.96), (0.94, 0.96), (0.98, 0.96), (0.94, 1.0),
-                                (1.0, 0.96)])
-        # Each time row is scaled by its largest value over x and the bounded settings, so that
-        # the panels compare at every t; alpha = 1 != beta is unbounded and gets its own scale.
-        bounded = [d for (a, b), d in pic["density"].items() if a < 1 or b == 1]
-        row_max = torch.stack([d.max(1).values for d in bounded]).max(0).values[:, None]
-        panels = [heatmap((d / (row_max if a < 1 or b == 1 else d.max(1, keepdim=True).values))
-                          .clamp(max=1), f"alpha={a:g} beta={b:g}" + (
-                              "" if a < 1 or b == 1 else " (unbounded; own scale)"))
-                  for (a, b), d in pic["density"].items()]
-        mosaic(panels, 3).save(os.path.join(args.out, "analytic_heatmaps.png"))
-        i = int(0.9 * len(pic["t"]))
-        dens = {k: v[i] for k, v in pic["density"].items() if k != (1.0, 0.96)}
-        top = max(float(v.max()) for v in dens.values())
-        series = [(f"alpha={a:g} beta={b:g}", pic["x"].tolist(), (v / top).tolist(), COLORS[n])
-                  for n, ((a, b), v) in enumerate(dens.items())]
-        for label, p, c in (("p_d (data)", pic["p_d"][i], (0, 0, 0)),
-                            ("p_g (generator)", pic["p_g"][i], (160, 160, 160))):
-            series.append((label, pic["x"].tolist(), (p / p.max()).tolist(), c))
-        line_chart(series, f"Lemma 2 loss density at t = {pic['t'][i]:.2f} (scaled)", "x",
-                   "density / max").save(os.path.join(args.out, "analytic_t0.9.png"))
+        pic = analytic_picture(ANALYTIC_SETTINGS)
+        analytic_figures(pic, args.out)
         report["problems"]["analytic"] = {
             "data": "0.5 N(-2, 0.4^2) + 0.5 N(2, 0.4^2)", "generator": "N(-2, 0.4^2)",
             "summary": pic["summary"]}
@@ -1005,31 +1054,18 @@ def main(args):
 
 
 def figures(out, problem, sc, spec, res, ref, runs):
-    """Curves (data-free, the paper's setting, the best real-data setting) and sample panels."""
-    table, conv, metric = res["table"], res["convergence"], PRIMARY[problem]
-    shown = [k for k in dict.fromkeys([key(1.0, 1.0), key(*PAPER), conv.get("best")]) if k in table]
-    series = [(k + (" (best)" if k == conv.get("best") else ""), table[k]["curve_steps"],
-               table[k]["curve_mean"], COLORS[n]) for n, k in enumerate(shown)]
-    hl = [(k, v[metric], c) for (k, v), c in zip(ref["reference"].items(),
-                                                  [(120, 120, 120), (148, 103, 189), (0, 0, 0)])]
+    """The curves, and the samples of the references and of the first seed's generators of the
+    settings in the curves."""
     name = f"{problem}_{sc}"
-    line_chart(series, f"{problem} / {sc}: {metric} of the EMA generator (mean over seeds)",
-               "generator updates", metric, hl).save(os.path.join(out, f"{name}_curves.png"))
+    curves_figure(os.path.join(out, f"{name}_curves.png"), problem, sc, res)
+    conv = res["convergence"]
+    shown = dict.fromkeys([key(1.0, 1.0), key(*PAPER), conv.get("best")])
     seed0 = {key(r["alpha"], r["beta"]): r for r in runs if "state" in r}
-    panels = []
-    for k, v in ref["samples"].items():
-        panels.append((k, v))
-    for k in shown:
-        if k in seed0:
-            panels.append((f"{k} (seed {seed0[k]['seed']})", final_samples(spec, seed0[k]["state"])))
-    if problem == "ring":
-        centers = ring_modes()[0]
-        mosaic([scatter(v, t, centers=centers) for t, v in panels], 3).save(
-            os.path.join(out, f"{name}_samples.png"))
-    else:
-        mosaic([image_grid(v, t) for t, v in panels], 3).save(
-            os.path.join(out, f"{name}_samples.png"))
+    panels = list(ref["samples"].items()) + [
+        (f"{k} (seed {seed0[k]['seed']})", final_samples(spec, seed0[k]["state"]))
+        for k in shown if k in seed0]
+    samples_figure(os.path.join(out, f"{name}_samples.png"), problem, panels)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.cli(main, parse_args)

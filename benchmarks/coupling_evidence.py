@@ -23,7 +23,8 @@ column "minus data-free, same seed" removes the seed-to-seed spread.
 The budget (BUDGET: steps, snapshot interval) was fixed from the data-free runs alone
 (`--phase budget`, committed with its curves) before any real-data setting was run. Outputs go
 to --out (default results/coupling): evidence.json (every number), evidence.md (the tables),
-curves.png and samples.png; the README's image-to-image section quotes them.
+curves.png and samples.png (matplotlib draws the curves: `pip install matplotlib`); the README's
+image-to-image section quotes them. `--redraw` draws the curves again from the JSON alone.
 """
 import concurrent.futures
 import glob
@@ -41,9 +42,9 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import coupling  # noqa: E402
 import fid  # noqa: E402
+import plot  # noqa: E402
 import sample  # noqa: E402
 from benchmarks import measure  # noqa: E402
-from plot import COLORS, line_chart, mosaic  # noqa: E402
 
 NET = ("--image-size 8 --num-channels 32 --channel-mult 1 --num-res-blocks 1 "
        "--attention-resolutions 8 --num-heads 1 --num-head-channels -1")
@@ -182,25 +183,28 @@ REFERENCE_LINES = {"one-step start x0 + v*(0, x0, s)": "one-step start",
 
 
 def curves_figure(curves, refs, path):
-    charts = []
-    for metric, label in (("psnr", "PSNR to target (dB), higher is better"),
-                          ("pixel_fd", "pixel FD to held-out targets, lower is better")):
-        series = []
-        for i, (alpha, beta) in enumerate(SETTINGS):
+    """PSNR and pixel FD of the EMA generator against generator updates, mean of the seeds per
+    setting, references as dashed lines; two panels, one above the other."""
+    fig = plot.new_figure(760, 760)
+    for ax, (metric, label) in zip(fig.subplots(2, 1, sharex=True), (
+            ("psnr", "PSNR to target (dB), higher is better"),
+            ("pixel_fd", "pixel FD to held-out targets, lower is better"))):
+        for alpha, beta in SETTINGS:
             runs = [curves.get(run_name(alpha, beta, seed)) for seed in SEEDS]
             if not all(runs):
                 continue
             steps = sorted(runs[0])
-            series.append((f"{alpha}, {beta}", steps,
-                           [float(np.mean([r[k][metric] for r in runs])) for k in steps],
-                           COLORS[i]))
+            ax.plot(steps, [float(np.mean([r[k][metric] for r in runs])) for k in steps],
+                    marker="o", markersize=2, label=f"{alpha}, {beta}")
         # the source itself (PSNR 13, FD 9) would squash the curves: it is in the table only
-        hlines = [(short, refs[name][metric], COLORS[4 + j])
-                  for j, (name, short) in enumerate(REFERENCE_LINES.items())
-                  if refs[name][metric] is not None]
-        charts.append(line_chart(series, f"{label}, mean of {len(SEEDS)} seeds",
-                                 "generator updates (steps)", metric, hlines, size=(760, 380)))
-    mosaic(charts, 1).save(path)
+        for (name, short), colour in zip(REFERENCE_LINES.items(), ("tab:purple", "0.5", "black")):
+            if refs[name][metric] is not None:
+                ax.axhline(refs[name][metric], color=colour, linestyle="--", linewidth=1,
+                           label=short)
+        ax.set(title=f"{label}, mean of {len(SEEDS)} seeds", ylabel=metric)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+    ax.set_xlabel("generator updates (steps)")
+    fig.savefig(path)
 
 
 def samples_figure(work, steps, path, n=10):
@@ -247,7 +251,23 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def redraw(out, phase):
+    """The curves figure of a finished phase, from its JSON."""
+    tag = "budget_" if phase == "budget" else ""
+    path = f"{out}/{tag}evidence.json"
+    if not os.path.isfile(path):
+        common.fail(f"{path} not found: --redraw draws the figure of a finished --phase {phase}")
+    with open(path) as f:
+        report = json.load(f)
+    curves = {k: {int(s): v for s, v in c.items()} for k, c in report["curves"].items()}
+    curves_figure(curves, report["references"], f"{out}/{tag}curves.png")
+    print(f"wrote {out}/{tag}curves.png from {path}")
+
+
 def main(args):
+    if args.redraw:
+        return redraw(args.out, args.phase)
+    plot.new_figure(1, 1)  # without matplotlib: fail now in one line, not after the runs
     start = time.time()
     work = os.path.abspath(args.work)
     prepare(work)
@@ -291,6 +311,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results/coupling", help="results folder")
     p.add_argument("--workers", type=common.positive_int, default=2,
                    help="distillation runs in parallel (one thread each)")
+    p.add_argument("--redraw", action="store_true",
+                   help="only draw the curves figure of --phase again, from its JSON in --out "
+                        "(samples.png needs the runs and is left as it is)")
     return p.parse_args(argv)
 
 

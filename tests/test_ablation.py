@@ -1,8 +1,10 @@
-"""benchmarks/ablation.py: its metrics against closed forms or independent computations, the 1-D analytic
-picture against Lemma 2 and distill.fake_model_loss, the batched 2-D runs against single runs, and
-the quick mode end to end at CI size (--smoke) through the script's own entry point."""
+"""benchmarks/ablation.py: its metrics against closed forms or independent computations, the 1-D
+analytic picture against Lemma 2 and distill.fake_model_loss, the batched 2-D runs against single
+runs, and the quick mode end to end at CI size (--smoke) through the script's own entry point,
+figures included (skipped without matplotlib, which the script then refuses in one line)."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import scipy.stats
 import torch
 from PIL import Image
 
+import common
 import distill
 from benchmarks import ablation
 from conftest import run
@@ -231,6 +234,7 @@ def test_shapes_are_deterministic_and_in_range():
 # --- the script end to end -----------------------------------------------------------------------
 
 def test_quick_mode_at_ci_size_writes_json_markdown_and_figures(tmp_path):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "ablation"
     report = run(ablation, ["--smoke", "--out", out, "--workers", 1, "--seeds", 0, 1])
     data = json.loads((out / "ablation.json").read_text())
@@ -250,14 +254,37 @@ def test_quick_mode_at_ci_size_writes_json_markdown_and_figures(tmp_path):
     assert "| alpha \\ beta | 0.94 | 0.96 | 0.98 | 1 |" in md and "ring / missing-modes" in md
     assert "sw2 minus data-free, same seed" in md
     assert ablation.key(*ablation.PAPER) in ring["paired_vs_data_free"]
-    for name in ("analytic_heatmaps", "analytic_t0.9", "ring_weak-teacher_curves",
-                 "ring_missing-modes_samples", "shapes_imperfect-teacher_samples"):
+    # Sample figures: the 3 references in a first row, the distilled generators (seed 0) of the
+    # settings in the curves in a second; the other figures at their sizes, none blank.
+    w, h = ablation.SAMPLE_PANEL
+    sizes = {"analytic_heatmaps": (960, 520), "analytic_t0.9": (760, 420),
+             "ring_weak-teacher_curves": (760, 440), "ring_missing-modes_samples": (3 * w, 2 * h),
+             "shapes_imperfect-teacher_samples": (3 * w, 2 * h)}
+    for name, size in sizes.items():
         with Image.open(out / f"{name}.png") as im:
-            assert im.width > 50 and im.height > 50
-    # Sample mosaics: 3 reference panels in the first row, the distilled generators (seed 0)
-    # in a second row.
-    with Image.open(out / "ring_missing-modes_samples.png") as im:
-        assert im.height > 2 * 236
+            pixels = np.asarray(im.convert("L"))
+            assert im.size == size and (pixels < 128).mean() > 0.005, name
+
+    # --redraw draws the analytic and curve figures again from ablation.json alone
+    figures = sorted(p.name for p in out.glob("*.png"))
+    for name in ("analytic_heatmaps.png", "ring_weak-teacher_curves.png"):
+        (out / name).unlink()
+    samples = (out / "ring_missing-modes_samples.png").stat().st_mtime_ns
+    run(ablation, ["--redraw", "--out", out])
+    assert sorted(p.name for p in out.glob("*.png")) == figures
+    assert (out / "ring_missing-modes_samples.png").stat().st_mtime_ns == samples
+    with Image.open(out / "ring_weak-teacher_curves.png") as im:
+        assert im.size == sizes["ring_weak-teacher_curves"]
+    with pytest.raises(common.RealUIDError, match="ablation.json not found"):
+        run(ablation, ["--redraw", "--out", tmp_path / "empty"])
+
+
+def test_without_matplotlib_it_fails_before_any_run(tmp_path, monkeypatch):
+    for name in ["matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing any of them fails
+    with pytest.raises(common.RealUIDError, match="pip install matplotlib") as e:
+        run(ablation, ["--smoke", "--out", tmp_path / "a", "--workers", 1])
+    assert "\n" not in str(e.value) and not (tmp_path / "a" / "ablation.json").exists()
 
 
 def test_paired_differences_by_hand():
