@@ -143,7 +143,7 @@ def references(work):
     teacher = sample.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
     src, targets, _ = heldout(work, teacher)
     train = torch.from_numpy(np.load(f"{work}/train.npz")["images"][:len(targets)])
-    return {"source itself": scores(src, targets),
+    return {"source itself": scores(common.to_uint8(src), targets),  # src: the network's range
             "one-step start x0 + v*(0, x0, s)": scores(translate(teacher, src, 1), targets),
             f"teacher, {NFE} Euler steps": scores(translate(teacher, src), targets),
             "training targets (the data's floor)": {
@@ -212,7 +212,7 @@ def samples_figure(work, steps, path, n=10):
     teacher = sample.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
     src, targets, _ = heldout(work, teacher)
     src, targets = src[:n], targets[:n]
-    rows = [src, translate(teacher, src, 1), translate(teacher, src)]
+    rows = [common.to_uint8(src), translate(teacher, src, 1), translate(teacher, src)]
     for alpha, beta in SETTINGS[:2]:
         ckpt = f"{work}/runs/{run_name(alpha, beta, 0)}/ckpt_{steps:07d}.pt"
         rows.append(translate(sample.load_model(ckpt, DISTILL["ema"], None), src))

@@ -2,12 +2,14 @@
 
     python benchmarks/quickstart_pairs.py      # the quick start, then its evaluation and figure
 
-Runs the commands of README.md's "Image-to-image quick start" exactly as listed (toy data ->
-4x super-resolution teacher on the bridge path -> RealUID -> translations -> `fid.py pairs`),
-times each, and draws docs/pairs_quickstart.png from held-out pairs (the same noise for every
-model): rows source | one-step start x0 + v*(0, x0, s) | RealUID one-step generator (EMA) |
-teacher with 20 Euler steps | target. Writes benchmarks/results/quickstart_pairs_cpu.json and
-prints the table of `fid.py pairs` (PSNR to target, pixel FD to held-out targets).
+Runs the commands of README.md's "CPU quick start: 4x super-resolution" as listed (toy data ->
+4x super-resolution teacher on the bridge path -> RealUID -> translations -> `eval_pairs.py`),
+except that every path under runs/ moves below runs/bench_quickstart_pairs/ (the README's own
+runs/ folders are never deleted or overwritten); times each, and draws docs/pairs_quickstart.png
+from held-out pairs (the same noise for every model): rows source | one-step start
+x0 + v*(0, x0, s) | RealUID one-step generator (EMA) | teacher with 20 Euler steps | target.
+Writes benchmarks/results/quickstart_pairs_cpu.json (with the host and the date) and prints the
+table of `eval_pairs.py` (PSNR to target, pixel FD to held-out targets).
 """
 import json
 import os
@@ -20,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import sample  # noqa: E402
 from benchmarks import measure  # noqa: E402
-from benchmarks.quickstart import ROOT, TOY_NET, fresh, sh  # noqa: E402  (the same network, runner)
+from benchmarks.quickstart import ROOT, TOY_NET, fresh, here, sh  # noqa: E402
 
 # The README's image-to-image quick start, verbatim (tests/test_pipeline.py checks that the two
-# agree).
+# agree); they run with their runs/ paths moved below WORK (quickstart.here).
 COMMANDS = [
     "python toy_data.py --out runs/toy.npz",
     "python toy_data.py --out runs/toy_heldout.npz --n 1024 --seed 1",
@@ -35,44 +37,48 @@ COMMANDS = [
     "--ema 0.95 --steps 60 --log-every 10 --sample-every 20 --out runs/sr4_distill",
     "python sample.py --ckpt runs/sr4_distill/latest.pt --data runs/toy_heldout.npz --n 16 "
     "--per-source 2 --out runs/sr4_samples.png",
-    "python fid.py pairs --ckpt runs/sr4_distill/latest.pt --data runs/toy_heldout.npz "
+    "python eval_pairs.py --ckpt runs/sr4_distill/latest.pt --data runs/toy_heldout.npz "
     "--nfe 20 --out runs/sr4_scores.json",
 ]
+WORK = "runs/bench_quickstart_pairs"  # the benchmark's own folder
 
 
-def figure(path, n=8, nfe=20):
-    """Rows source | start | generator | teacher | target for the first n held-out pairs."""
-    j = lambda p: os.path.join(ROOT, p)  # noqa: E731
-    teacher = sample.load_model(j("runs/sr4_teacher/latest.pt"), 0.995, None)
-    gen = sample.load_model(j("runs/sr4_distill/latest.pt"), 0.95, None)
-    src, targets, _ = sample.held_out_pairs(j("runs/toy_heldout.npz"), gen.coupling,
-                                            (3, 16, 16), n, 0)
+def figure(path, work=WORK, n=8, nfe=20):
+    """Rows source | start | generator | teacher | target for the first n held-out pairs of the
+    runs in `work`."""
+    j = lambda p: os.path.join(ROOT, work, p)  # noqa: E731
+    teacher = sample.load_model(j("sr4_teacher/latest.pt"), 0.995, None)
+    gen = sample.load_model(j("sr4_distill/latest.pt"), 0.95, None)
+    src, targets, _ = sample.held_out_pairs(j("toy_heldout.npz"), gen.coupling, (3, 16, 16), n,
+                                            0)
     cpu = torch.device("cpu")
     amp = common.precision_context(cpu, "fp32")
     out = [sample.translate(m, src, None, 1, 0, 64, cpu, amp, k)
            for m, k in ((teacher, 1), (gen, 1), (teacher, nfe))]
-    common.save_grid(common.from_uint8(torch.cat([src, *out, targets])), path, nrow=n)
+    # sources are floats in the network's range, the outputs and targets uint8
+    rows = [common.to_uint8(src), *out, targets]
+    common.save_grid(common.from_uint8(torch.cat(rows)), path, nrow=n)
     im = Image.open(path)
     im.resize((im.width * 3, im.height * 3), Image.NEAREST).save(path)
 
 
 def main():
-    fresh(COMMANDS)
+    fresh(WORK)
     times = {}
     for c in COMMANDS:
-        name = " ".join(c.split()[1:3]) if c.split()[1] == "fid.py" else c.split()[1]
-        times[name] = times.get(name, 0) + sh(c)
+        times[c.split()[1]] = times.get(c.split()[1], 0) + sh(here(c, WORK))
     total = sum(times.values())
-    with open(os.path.join(ROOT, "runs/sr4_scores.json")) as f:
+    with open(os.path.join(ROOT, WORK, "sr4_scores.json")) as f:
         scores = json.load(f)
-    report = {"machine": measure.machine(), "commands": COMMANDS, "seconds": times,
+    m = measure.machine()
+    report = {"machine": m, "commands": COMMANDS, "ran_in": WORK, "seconds": times,
               "total_seconds": total, "scores": scores}
     out = os.path.join(ROOT, "benchmarks", "results", "quickstart_pairs_cpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     figure(os.path.join(ROOT, "docs", "pairs_quickstart.png"))
-    print(f"\nimage-to-image quick start: {total:.0f} s in all "
+    print(f"\nimage-to-image quick start on {measure.host(m)}: {total:.0f} s in all "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})")
     print("\n| model | PSNR to target (dB) | pixel FD to held-out targets |\n|---|---|---|")
     for name, r in scores["scores"].items():

@@ -9,6 +9,7 @@ differ; only the code generation is left out).
 """
 import ast
 import functools
+import importlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch
 
 import distill
 import train_teacher
-from benchmarks import bench, gpu_suite, measure, precision_study
+from benchmarks import bench, gpu_suite, measure, precision_study, quickstart
 from conftest import FAST, ROOT, TINY_NET, run
 
 ALL_CONFIGS = {(m, B, p) for m in ("eager", "compiled") for B in (4, 2)
@@ -292,3 +293,21 @@ def test_no_benchmark_or_plot_in_an_import_cycle():
     ours = [c for c in import_cycles(graph)
             if any(m.startswith("benchmarks.") or m == "plot" for m in c)]
     assert ours == []
+
+
+# --- the quick-start benchmarks --------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["quickstart", "quickstart_pairs"])
+def test_quick_start_benchmarks_write_only_below_their_own_folder(script):
+    """The README's commands (tests/test_pipeline.py compares them with the README) run with
+    every runs/ path moved below the benchmark's own runs/bench_* folder, nothing else
+    changed: the README's own runs/toy_teacher, runs/toy_distill, ... are never touched."""
+    module = importlib.import_module(f"benchmarks.{script}")
+    assert module.WORK.startswith("runs/bench_")
+    for command in module.COMMANDS:
+        moved = quickstart.here(command, module.WORK)
+        paths = [w for w in moved.split() if "runs/" in w]
+        assert paths and all(w.startswith(module.WORK + "/") for w in paths), moved
+        assert moved.replace(module.WORK + "/", "runs/") == command
+    with pytest.raises(ValueError, match="not a benchmark's own folder"):
+        quickstart.fresh("runs")
