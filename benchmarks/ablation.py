@@ -1038,7 +1038,7 @@ def main(args):
 
     report["wall_seconds"] = time.perf_counter() - t_start
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    md.append(f"\nMachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
+    md.append(f"\nMachine: {measure.host(report['machine'])}, torch "
               f"{report['machine']['torch']}, {args.workers} worker(s) x {args.threads} thread(s); "
               f"wall time {report['wall_seconds'] / 60:.1f} min (load average at start "
               f"{report['machine']['load_average_at_start'][0]:.1f}: shared machine, timings "

@@ -241,6 +241,8 @@ def main(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
+    print(f"{measure.host(report['machine'])} | {device} | batch {args.batch_size} | authors' "
+          f"network: {net}")
     print(f"{'':10s}{'fake s':>9s}{'gen s':>9s}{'mean update s':>15s}")
     for name in ("authors", "ours"):
         r = report[name]

@@ -248,6 +248,7 @@ def markdown(report):
     for name, r in report["references"].items():
         psnr = "" if r["psnr"] is None else f"{r['psnr']:.2f}"
         lines.append(f"| {name} | {psnr} | {r['pixel_fd']:.3f} |")
+    lines += ["", f"Host: {measure.host(report['machine'])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """The GPU benchmark: precision x torch.compile x batch in one table, in under 8 minutes.
 
-    python benchmarks/bench.py --suite gpu   # any CUDA device; writes benchmarks/results/gpu_<name>.json
+    python benchmarks/bench.py --suite gpu   # any CUDA device; benchmarks/results/gpu_<name>.json
 
 On the paper's network (unet.UNet() defaults, 35.7M parameters) with random weights and random
 uint8 data (measure.scratch_files; nothing is downloaded), for fp32, tf32, bf16 and mixed,
@@ -243,8 +243,8 @@ def fmt(value, spec, scale=1.0):
 def table(report):
     """The Markdown table of a report (header lines, then one row per configuration)."""
     mm = report["matmul_tflop_per_second"]
-    lines = [f"{report['device_name']} | torch {report['machine']['torch']} | bf16 matmul "
-             f"{mm['bf16']:.3g} TFLOP/s (tf32 {mm['tf32']:.3g}, fp32 {mm['fp32']:.3g}) | "
+    lines = [f"{measure.host(report['machine'])} | torch {report['machine']['torch']} | bf16 "
+             f"matmul {mm['bf16']:.3g} TFLOP/s (tf32 {mm['tf32']:.3g}, fp32 {mm['fp32']:.3g}) | "
              f"budget {report['budget_s']:.0f} s, used {report['seconds_used']:.0f} s",
              "peak memory: " + ("torch.cuda.max_memory_allocated per configuration"
                                 if report["device"].startswith("cuda")

@@ -22,6 +22,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from benchmarks import measure  # noqa: E402
 
 NET = ["--image-size", "8", "--num-channels", "32", "--channel-mult", "1", "--num-res-blocks",
        "1", "--attention-resolutions", "8", "--num-heads", "1", "--num-head-channels", "-1"]
@@ -82,6 +83,8 @@ def main(args):
         sh(distill_argv(work, f"{work}/straight"))
     reference = state(f"{work}/straight/latest.pt")
     rng = random.Random(args.seed)
+    print(f"python benchmarks/interruptions.py --runs {args.runs} --seed {args.seed} | "
+          f"{measure.host(measure.machine())}", flush=True)
     equal = 0
     for i in range(args.runs):
         out = f"{work}/run{i}"

@@ -210,7 +210,7 @@ def main(args):
         json.dump(report, f, indent=2)
 
     m = report["machine"]
-    print(f"\n{m['cpu']} | {device} | threads {m['threads']} | torch {m['torch']} | batch "
+    print(f"\n{measure.host(m)} | {device} | threads {m['threads']} | torch {m['torch']} | batch "
           f"{args.batch_size} | alpha {args.alpha} beta {args.beta} | autocast fp16 on "
           f"{device.type}: {'yes' if fp16 else 'no'}\n")
     print("| f | precision | against | \\|grad G\\| | G cosine | G rel. error | "
