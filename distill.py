@@ -233,18 +233,22 @@ def build_parser():
     sid.add_argument("--gen-gamma", type=common.positive_float, default=None,
                      help="the generator's coefficient of |f - v*|^2 (General RealUID's gamma on "
                           "the generator side only; SiD's alpha = 1.2 is 2.4; default: gamma)")
-    sid.add_argument("--fake-t", choices=["uniform", "edm"], default="uniform",
+    sid.add_argument("--fake-t", choices=["uniform", "edm"], default=None,
                      help="law of t in the fake-model update: uniform (on the teacher's range) or "
-                          "EDM's ln sigma ~ N(-1.2, 1.2^2) (SiD)")
-    sid.add_argument("--gen-t", choices=["uniform", "sid"], default="uniform",
+                          "EDM's ln sigma ~ N(-1.2, 1.2^2) (default: uniform for flow matching, "
+                          "edm for a diffusion teacher, as SiD)")
+    sid.add_argument("--gen-t", choices=["uniform", "sid"], default=None,
                      help="law of t in the generator update: uniform or SiD's (sigma on EDM's "
-                          "rho = 7 grid, position uniform on [0, 0.8])")
-    sid.add_argument("--fake-weight", choices=["none", "edm"], default="none",
+                          "rho = 7 grid, position uniform on [0, 0.8]) (default: uniform for "
+                          "flow matching, sid for a diffusion teacher)")
+    sid.add_argument("--fake-weight", choices=["none", "edm"], default=None,
                      help="per-sample weight of the fake-model loss: none or EDM's denoising "
-                          "weight (sigma^2 + 0.25) / (0.5 sigma)^2 (1 - t)^2 (SiD)")
-    sid.add_argument("--gen-weight", choices=["none", "sid"], default="none",
+                          "weight (sigma^2 + 0.25) / (0.5 sigma)^2 (1 - t)^2 (default: none for "
+                          "flow matching, edm for a diffusion teacher, as SiD)")
+    sid.add_argument("--gen-weight", choices=["none", "sid"], default=None,
                      help="per-sample weight of the generator loss: none or SiD's (1 - t)^2 / 2 "
-                          "divided by mean |x_g - D*| (makes it SiD's generator loss)")
+                          "divided by mean |x_g - D*| (default: none for flow matching, sid for "
+                          "a diffusion teacher)")
     common.add_data_args(p, image_size_default=None).title = (
         "data (--image-size defaults to the teacher's)")
     coupling.add_args(p, teacher=False)
@@ -323,8 +327,16 @@ def setup(args, proc):
     if args.sigma_init is None and state.diffusion:
         args.sigma_init = 2.5
     state.t_g = 0.0 if args.sigma_init is None else 1 / (1 + args.sigma_init)
-    if args.fake_init is None:
-        args.fake_init = "teacher" if state.diffusion else "random"
+    # Defaults by the teacher's kind (saved resolved): a denoiser's field is (D - x) / (1 - t),
+    # whose errors grow like 1 / (1 - t) near the data, so for a diffusion teacher both players
+    # work with SiD's laws of t and weights in the denoiser's units (docs/diffusion.md: with
+    # plain uniform t the toy quick start diverged). Flow matching keeps the paper's settings.
+    kind = dict(fake_init=("teacher", "random"), fake_t=("edm", "uniform"),
+                gen_t=("sid", "uniform"), fake_weight=("edm", "none"),
+                gen_weight=("sid", "none"))
+    for flag, (diffusion, flow) in kind.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, diffusion if state.diffusion else flow)
     if args.fake_init == "init-from" and not args.init_from:
         common.fail("--fake-init init-from needs --init-from, the distilled checkpoint whose "
                     "fake model to start from")

@@ -243,7 +243,9 @@ def test_distill_and_sample_on_an_edm_pickle(tmp_path, tiny_data):
     ckpt = load(tmp_path / "realuid" / "latest.pt")
     assert ckpt["config"]["net"]["edm"] == "EDMPrecond"
     assert ckpt["config"]["t_g"] == pytest.approx(1 / 3.5)
-    assert ckpt["config"]["args"]["fake_init"] == "teacher"  # the diffusion default (SiD's)
+    saved = ckpt["config"]["args"]  # the diffusion defaults (SiD's), saved resolved
+    assert (saved["fake_init"], saved["fake_t"], saved["gen_t"], saved["fake_weight"],
+            saved["gen_weight"]) == ("teacher", "edm", "sid", "edm", "sid")
     run(distill, ["--resume", tmp_path / "realuid", "--steps", 3])
     assert load(tmp_path / "realuid" / "latest.pt")["step"] == 3
     run(distill, [*common, "--gen-gamma", 2.4, "--fake-t", "edm", "--gen-t", "sid",
