@@ -539,10 +539,10 @@ def draw(state, args, law="uniform"):
     noise (coupling.py explains why), and with alpha = beta = 1 the targets stay unread.
     `law` is the law of t (teachers.noise_levels)."""
     B, device, rng = args.batch_size, state.device, state.noise
-    noise = {"z": training.randn(rng, (B, *state.shape), device),
-             "x0": training.randn(rng, (B, *state.shape), device),
-             "t": teachers.noise_levels(law, training.randn(rng, (B,), device) if law == "edm" else
-                               training.rand(rng, (B,), device), state.t_range)}
+    z = training.randn(rng, (B, *state.shape), device)
+    x0 = training.randn(rng, (B, *state.shape), device)
+    r = (training.randn if law == "edm" else training.rand)(rng, (B,), device)  # t's randomness
+    noise = {"z": z, "x0": x0, "t": teachers.noise_levels(law, r, state.t_range)}
     if state.gan:
         noise["t_gan"] = 1 - 0.2 * training.rand(rng, (B,), device)
     if state.reads_data:

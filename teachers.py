@@ -161,9 +161,10 @@ def load_teacher(path, ema=None, device="cpu", fallback=None):
 
     ema: None for the file's default weights (the first EMA of our and the authors' files,
     0.999 for theirs), a decay for that EMA, or "raw" for the raw weights; an EDM pickle holds
-    one network, its EMA under the key `ema`, whatever `ema` says. fallback: the U-Net config of an authors' file (no config inside; default:
-    the paper network at 32x32). The module carries `config` (to rebuild it),
-    `coupling` (image-to-image teachers) and, for denoisers, `t_min`, `t_max`.
+    one network, its EMA under the key `ema`, whatever `ema` says. fallback: the U-Net config
+    of an authors' file (no config inside; default: the paper network at 32x32). The module
+    carries `config` (to rebuild it), `coupling` (image-to-image teachers) and, for denoisers,
+    `t_min`, `t_max`.
     """
     path = str(path)
     if os.path.isdir(path):

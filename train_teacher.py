@@ -197,10 +197,10 @@ def draw(state, args):
     this process's slice of the next real batch, randomly flipped. For a coupling, the source
     of each image (pairs file or built-in task) and the path's start x0 = kappa s + sigma eps."""
     B, rng, device = args.batch_size, state.noise, state.device
-    edm = args.param == "edm"  # EDM's law of sigma = (1 - t) / t
-    noise = {"x0": training.randn(rng, (B, *state.shape), device),
-             "t": teachers.noise_levels("edm" if edm else "uniform",
-                                        (training.randn if edm else training.rand)(rng, (B,), device)),
+    law = "edm" if args.param == "edm" else "uniform"  # EDM's: ln sigma normal, t = 1/(1+sigma)
+    x0 = training.randn(rng, (B, *state.shape), device)
+    r = (training.randn if law == "edm" else training.rand)(rng, (B,), device)
+    noise = {"x0": x0, "t": teachers.noise_levels(law, r),
              "flip": training.rand(rng, (B,), device) < 0.5}
     if state.coupling and state.coupling["task"] == "denoise":
         noise["task"] = training.randn(rng, (B, *state.shape), device)
@@ -247,7 +247,8 @@ def save(state, args, name="latest.pt"):
             "step": run.step,
             "config": {"kind": "teacher", "net": state.cfg, "coupling": state.coupling,
                        "data": state.data_desc, "args": common.json_safe(vars(args))},
-            "scaler": player.scaler.state_dict(), "rng": training.rng_state(state.noise, state.proc),
+            "scaler": player.scaler.state_dict(),
+            "rng": training.rng_state(state.noise, state.proc),
             "data_batches": state.batches.consumed, "best_fid": run.best_fid,
             "elapsed_s": run.log.elapsed()}
     if state.proc.main:
@@ -290,7 +291,8 @@ def main(args):
         print(f"teacher: {sum(p.numel() for p in state.player.params):,} parameters, data "
               f"{state.data_size} images {'x'.join(map(str, state.shape))}{pairs}, device "
               f"{proc.device}, {proc.world} process(es), {args.precision}")
-    grid_z, grid_y = training.grid_latents(state.shape, teachers.num_classes(state.net), proc.device)
+    grid_z, grid_y = training.grid_latents(state.shape, teachers.num_classes(state.net),
+                                           proc.device)
     run = state.run
     ema = state.emas[common.ema_key(args.ema[0])]
     in_training_fid = (fid_eval, lambda z, y: sample_teacher(ema, z, y, args.sample_nfe),

@@ -1,6 +1,6 @@
 """Run the README's CPU quick start for a diffusion teacher and measure what it achieves.
 
-    python benchmarks/quickstart_diffusion.py      # about 20 min on 2 CPU cores, with the evaluation
+    python benchmarks/quickstart_diffusion.py   # about 20 min on 2 CPU cores, with the evaluation
 
 Runs the README's commands ("CPU quick start: a diffusion teacher") verbatim except that every
 run writes below runs/bench_diffusion/ (never into the README's own runs/ folders): toy data ->
