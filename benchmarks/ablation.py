@@ -349,7 +349,8 @@ def plan(args):
     if args.settings:
         own = [tuple(float(v) for v in s.split(",")) for s in args.settings]
         settings = {"ring": own, "shapes": own}
-    scenarios = ["weak-teacher", "missing-modes"] + (["good-teacher"] if args.mode == "full" else [])
+    scenarios = (["weak-teacher", "missing-modes"]
+                 + (["good-teacher"] if args.mode == "full" else []))
     return budgets, settings, scenarios
 
 
@@ -429,7 +430,8 @@ def main(args):
         t0 = time.perf_counter()
         g0 = realuid(dict(problem="ring", budget=dict(b, steps=b["init_steps"]), alpha=1.0,
                           beta=1.0, return_state=TEACHER_SEED, members=[dict(
-                              scenario="init", seed=TEACHER_SEED, teacher=trained["partial"]["state"],
+                              scenario="init", seed=TEACHER_SEED,
+                              teacher=trained["partial"]["state"],
                               gen_init=trained["partial"]["state"])]))[0]
         report["stages"]["missing_modes_init_seconds"] = time.perf_counter() - t0
         for sc in scenarios:
@@ -466,7 +468,8 @@ def main(args):
     report["stages"]["grid_seconds"] = time.perf_counter() - t0
 
     for (problem, sc), sp in specs.items():
-        runs = [r for r in results if "final" in r and (r["problem"], r["scenario"]) == (problem, sc)]
+        runs = [r for r in results
+                if "final" in r and (r["problem"], r["scenario"]) == (problem, sc)]
         ref = next(r for r in results if "reference" in r and (r["problem"], r["scenario"]) ==
                    (problem, sc))
         table = summarise(runs, problem)

@@ -429,7 +429,8 @@ def train_classifier(spec):
 
 def clip_members(params, clip, n):
     """Gradient-norm clipping at `clip` done separately for each of the n members of an ensemble
-    (parameters [n, ...]; n = 1 is torch's clip_grad_norm_: factor clip / (norm + 1e-6), at most 1)."""
+    (parameters [n, ...]; n = 1 is torch's clip_grad_norm_: factor clip / (norm + 1e-6),
+    at most 1)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.stack([g.reshape(n, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
     factor = (clip / (norm + 1e-6)).clamp(max=1.0)
@@ -466,7 +467,8 @@ def realuid(spec):
     for m in members:
         torch.manual_seed(m["seed"])
         fresh.append(make_net(problem, b).state_dict())
-    teacher, gen, fake = (build(problem, b, [m[k] for m in members]) if k else build(problem, b, fresh)
+    teacher, gen, fake = (build(problem, b, [m[k] for m in members]) if k
+                          else build(problem, b, fresh)
                           for k in ("teacher", "gen_init", None))
     teacher.eval().requires_grad_(False)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
@@ -528,7 +530,8 @@ def realuid(spec):
     out = []
     for i, m in enumerate(members):
         r = dict(problem=problem, scenario=m["scenario"], alpha=alpha, beta=beta, seed=m["seed"],
-                 curve=curves[i], diverged_at=diverged[i], seconds=(time.perf_counter() - t_start) / n,
+                 curve=curves[i], diverged_at=diverged[i],
+                 seconds=(time.perf_counter() - t_start) / n,
                  final=finals[i] if diverged[i] is None else {k: float("nan") for k in finals[i]})
         if spec.get("return_state") is not None and m["seed"] == spec["return_state"]:
             r["state"] = member_state(ema, i) if problem == "ring" else ema.state_dict()

@@ -1,11 +1,13 @@
-"""Our distillation update beside the authors' training loop, on the same machine, networks and batch.
+"""Our distillation update beside the authors' training loop, on the same machine, networks
+and batch.
 
     python benchmarks/bench_authors_loop.py --device cpu --batch-size 8 --threads 1
 
 The authors' loop (David-cripto/RealUID, train_distil.py) is rebuilt here from its structure,
 on the same weights. Its networks are torchcfm 1.0.7's UNetModelWrapper, as in the authors' code,
 when torchcfm is importable (`pip install --no-deps torchcfm==1.0.7`, not a dependency; the state
-dicts are identical), else our U-Net (`--authors-net ours`: then only the loop differs). Per update it
+dicts are identical), else our U-Net (`--authors-net ours`: then only the loop differs).
+Per update it
 - calls gc.collect() and, on CUDA, runs with cudnn.deterministic=True, benchmark=False;
 - fake update: builds the generator's graph and detaches its output, runs the fake model on
   the generated and the real batch in two forward passes, Adam(maximize=True) on -RealUM;
@@ -53,7 +55,8 @@ def authors_fake_objective(u, t, x0, x_g, x_d, y, alpha, beta):
 def authors_generator_loss(u, teacher, t, x0, x_g, y, alpha, beta):
     t_ = t.view(-1, 1, 1, 1)
     xt, target = t_ * x_g + (1 - t_) * x0, beta / alpha * (x_g - x0)
-    loss = alpha * ((teacher(t, xt, y) - target) ** 2).sum() - alpha * ((u(t, xt, y) - target) ** 2).sum()
+    loss = (alpha * ((teacher(t, xt, y) - target) ** 2).sum()
+            - alpha * ((u(t, xt, y) - target) ** 2).sum())
     return loss / len(x0)
 
 
@@ -237,7 +240,8 @@ def main(args):
         fake, gen = statistics.median(t["fake"]), statistics.median(t["generator"])
         report[name] = {"fake_update_s": fake, "generator_update_s": gen,
                         "mean_update_s": (5 * fake + gen) / 6}
-    report["ours_over_authors"] = report["ours"]["mean_update_s"] / report["authors"]["mean_update_s"]
+    report["ours_over_authors"] = (report["ours"]["mean_update_s"]
+                                   / report["authors"]["mean_update_s"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

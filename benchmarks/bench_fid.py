@@ -40,9 +40,11 @@ def build_extractors(weights, device, hub_dir):
     try:
         from pytorch_fid.inception import InceptionV3
     except ImportError:
-        print("pytorch-fid not importable (PYTHONPATH=/opt/ref?): its row is skipped", file=sys.stderr)
+        print("pytorch-fid not importable (PYTHONPATH=/opt/ref?): its row is skipped",
+              file=sys.stderr)
     else:
-        # pytorch-fid reads <hub dir>/checkpoints/<name> without checking the hash: point it at our file
+        # pytorch-fid reads <hub dir>/checkpoints/<name> without checking the hash: point it at
+        # our file
         os.makedirs(os.path.join(hub_dir, "checkpoints"), exist_ok=True)
         os.symlink(os.path.abspath(weights), os.path.join(hub_dir, "checkpoints", fid.WEIGHTS_NAME))
         torch.hub.set_dir(hub_dir)
@@ -68,7 +70,8 @@ def main(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.images, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    images = torch.randint(0, 256, (args.images, 3, 32, 32), generator=g,
+                           dtype=torch.uint8).to(device)
     batches = [images[i:i + args.batch_size] for i in range(0, args.images, args.batch_size)]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not comparable with published FIDs")
@@ -91,16 +94,19 @@ def main(args):
                     measure.sync(device)
                     times[name].append(time.perf_counter() - start)
     rows = [dict(name=name, images_per_s=args.batch_size / statistics.median(t),
-                 mean_images_per_s=args.batch_size * len(t) / sum(t), batch_seconds=[round(s, 4) for s in t])
+                 mean_images_per_s=args.batch_size * len(t) / sum(t),
+                 batch_seconds=[round(s, 4) for s in t])
             for name, t in times.items()]
     result = dict(
         machine=dict(measure.machine(device), device=str(device),
                      load_average_after=os.getloadavg()),
-        setup=dict(images=args.images, batch_size=args.batch_size, image_size=32, repeats=args.repeats,
+        setup=dict(images=args.images, batch_size=args.batch_size, image_size=32,
+                   repeats=args.repeats,
                    weights="random (same file for all)" if args.weights is None else args.weights),
         results=rows)
     width = max(len(r["name"]) for r in rows)
-    print(f"{args.images} uint8 32x32 images, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+    print(f"{args.images} uint8 32x32 images, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, "
           f"{device} ({measure.host(result['machine'])}), torch {torch.__version__}")
     print(f"{'extractor':<{width}}  img/s (median batch)  img/s (mean)")
     for r in rows:
@@ -115,13 +121,18 @@ def main(args):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=64, help="images per timed pass (default: 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward, all extractors (default: 16)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per forward, all extractors (default: 16)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--repeats", type=int, default=2, help="timed passes over the images (default: 2)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed passes over the images (default: 2)")
     p.add_argument("--weights", default=None,
-                   help="Inception weights file (default: random weights written to a temporary directory)")
-    p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/bench_fid_<device>.json)")
+                   help="Inception weights file (default: random weights written to a temporary "
+                        "directory)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default: benchmarks/results/bench_fid_<device>.json)")
     return p.parse_args()
 
 

@@ -1,7 +1,7 @@
 """Interrupt distillation runs at random moments, resume them with `--resume RUN_DIR` alone, and
 compare each with an uninterrupted run, bit for bit.
 
-    python benchmarks/interruptions.py                      # 4 runs, seed 0: a few minutes on 2 cores
+    python benchmarks/interruptions.py                    # 4 runs, seed 0: a few minutes on 2 cores
     python benchmarks/interruptions.py --runs 5 --seed 1
 
 A tiny teacher is trained on 8x8 toy images once (under --work); then every run starts the

@@ -506,7 +506,8 @@ def test_general_realuid_with_gamma_equal_alpha_is_realuid_with_a_source(alpha, 
 
 def test_fused_pass_pairs_each_real_target_with_its_own_source():
     """fake_model_loss's single pass over [generated; real] gives each real x_t its own source:
-    it equals two separate passes computed by hand (fake_model_loss's L_f with s, exact to rounding)."""
+    it equals two separate passes computed by hand (fake_model_loss's L_f with s, exact to
+    rounding)."""
     f, _ = small_net(0)
     x_g, x_d, x0, t, s = random_batch(5)
     alpha, beta = 0.9, 0.95

@@ -54,7 +54,8 @@ def test_frechet_equal_covariances_give_squared_mean_distance():
         sigma = random_covariance(rng, 32, rank)
         mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
         expected = np.sum((mu1 - mu2) ** 2)
-        assert fid.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+        assert (fid.frechet_distance(mu1, sigma, mu2, sigma)
+                == pytest.approx(expected, rel=1e-9, abs=1e-9))
         assert abs(fid.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-9
 
 
@@ -63,7 +64,8 @@ def test_frechet_diagonal_gaussians_closed_form():
     a, b = rng.uniform(0.1, 3, 50), rng.uniform(0.1, 3, 50)
     mu1, mu2 = rng.standard_normal(50), rng.standard_normal(50)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    assert (fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+            == pytest.approx(expected, rel=1e-12))
     # scalar (1-d) inputs
     assert fid.frechet_distance(1.0, 4.0, 0.0, 1.0) == pytest.approx(1 + (2 - 1) ** 2, rel=1e-12)
 
@@ -72,7 +74,8 @@ def test_frechet_matches_sqrtm_formula_and_is_symmetric():
     rng = np.random.default_rng(2)
     s1, s2 = random_covariance(rng, 64), random_covariance(rng, 64)
     mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
-    independent = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
+    independent = (np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2)
+                   - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real)
     ours = fid.frechet_distance(mu1, s1, mu2, s2)
     assert ours == pytest.approx(independent, rel=1e-9)
     assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(ours, rel=1e-9)
@@ -85,8 +88,10 @@ def test_frechet_singular_covariances_exact():
     x, y = rng.standard_normal((8, 512)) * 3, rng.standard_normal((8, 512)) + 0.5
     xc, yc = x - x.mean(0), y - y.mean(0)
     nuclear = np.linalg.svd(xc @ yc.T, compute_uv=False).sum()
-    exact = np.sum((x.mean(0) - y.mean(0)) ** 2) + (np.sum(xc ** 2) + np.sum(yc ** 2) - 2 * nuclear) / 7
-    ours = fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    exact = (np.sum((x.mean(0) - y.mean(0)) ** 2)
+             + (np.sum(xc ** 2) + np.sum(yc ** 2) - 2 * nuclear) / 7)
+    ours = fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False),
+                                y.mean(0), np.cov(y, rowvar=False))
     assert ours == pytest.approx(exact, rel=1e-10)
 
 
@@ -122,7 +127,8 @@ def test_resize_tf1_hand_computed():
 def test_resize_tf1_matches_torch_fidelity():
     tf_interp = pytest.importorskip("torch_fidelity.interpolate_compat_tensorflow")
     x = random_images(3).float()
-    theirs = tf_interp.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    theirs = tf_interp.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299),
+                                                                 align_corners=False)
     torch.testing.assert_close(fid.resize_bilinear_tf1(x, 299), theirs, rtol=0, atol=1e-4)
 
 
@@ -147,7 +153,8 @@ def test_features_shape_determinism_batch_independence(extractor):
     torch.testing.assert_close(extractor(x), f, rtol=0, atol=0)
     split = torch.cat([extractor(x[:1]), extractor(x[1:])])
     torch.testing.assert_close(split, f, rtol=0, atol=1e-5 * f.abs().max().item())
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. called from a mixed-precision training loop
+    # e.g. called from a mixed-precision training loop
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(extractor(x), f, rtol=0, atol=0)
     # other input sizes are resized to 299 too
     assert extractor(random_images(1, size=64)).shape == (1, 2048)
@@ -301,10 +308,12 @@ def test_cli_ref_and_calc_on_npz_and_folder(tmp_path, weights, capsys):
         Image.fromarray(im).save(tmp_path / "folder" / f"{i:03d}.png")
     common = ["--weights", weights, "--device", "cpu", "--batch-size", "3"]
     ref = str(tmp_path / "ref_stats.npz")
-    assert "n=4, mode=tf" in run_cli(["ref", "--data", str(tmp_path / "ref.npz"), "--out", ref] + common, capsys)
+    assert "n=4, mode=tf" in run_cli(["ref", "--data", str(tmp_path / "ref.npz"), "--out", ref]
+                                     + common, capsys)
     sets = [str(tmp_path / "samples.npz"), str(tmp_path / "folder"), str(tmp_path / "ref.npz")]
     out = run_cli(["calc", *sets, "--ref", ref] + common, capsys)
-    scores = [float(line.split("FID ")[1].split()[0]) for line in out.splitlines() if ": FID " in line]
+    scores = [float(line.split("FID ")[1].split()[0]) for line in out.splitlines()
+              if ": FID " in line]
     assert len(scores) == 3 and scores[0] > 0
     assert scores[1] == pytest.approx(scores[0], rel=1e-9)  # png round trip is lossless
     assert abs(scores[2]) < 1e-6 * scores[0]  # the reference set against its own statistics
@@ -329,11 +338,12 @@ def test_cli_ref_cifar10_from_fake_batches(tmp_path, weights, capsys, monkeypatc
     for i in range(1, 6):
         batch = {"data": rng.integers(0, 256, (1, 3072), dtype=np.uint8), "labels": [i]}
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(c) for c in range(10)]}))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [str(c) for c in range(10)]}))
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     out_path = str(tmp_path / "cifar.npz")
-    out = run_cli(["ref", "--data", "cifar10", "--data-root", str(tmp_path / "data"), "--out", out_path,
-                   "--weights", weights, "--device", "cpu"], capsys)
+    out = run_cli(["ref", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
+                   "--out", out_path, "--weights", weights, "--device", "cpu"], capsys)
     assert "n=5" in out and fid.load_stats(out_path)["n"] == 5
 
 
@@ -343,8 +353,9 @@ def test_cli_entry_point_on_stats_files(tmp_path):
     sigma = random_covariance(rng, 8)
     fid.save_stats(str(tmp_path / "a.npz"), np.zeros(8), sigma, "tf", 10)
     fid.save_stats(str(tmp_path / "b.npz"), np.ones(8), sigma, "tf", 10)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), "calc", str(tmp_path / "b.npz"),
-                          "--ref", str(tmp_path / "a.npz")], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), "calc",
+                          str(tmp_path / "b.npz"), "--ref", str(tmp_path / "a.npz")],
+                         capture_output=True, text=True)
     assert run.returncode == 0 and "FID 8.0000" in run.stdout, run.stderr
 
 

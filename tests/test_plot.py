@@ -23,8 +23,8 @@ def status(step, attempt, grad=250.0):
     second a step; `time - elapsed_s` is the attempt's start."""
     return {"step": step, "attempt": attempt, "loss_fake": 0.1 * attempt + 1 / step,
             "loss_gen": -0.5, "grad_norm_gen": grad, "grad_norm_fake": grad / 10,
-            "lr": 2e-4 * min(1, step / 10), "sec_per_step": 0.5, "time": START[attempt] + 0.5 * step,
-            "elapsed_s": 0.5 * step, "peak_mem_mb": 700.0}
+            "lr": 2e-4 * min(1, step / 10), "sec_per_step": 0.5,
+            "time": START[attempt] + 0.5 * step, "elapsed_s": 0.5 * step, "peak_mem_mb": 700.0}
 
 
 def fid(step, attempt):

@@ -395,9 +395,9 @@ def test_runs_on_loader_workers_end_and_resume_exactly(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(24):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    argv = lambda out, steps: ["--data", folder, *TINY_NET, "--batch-size", 4, "--steps", steps,  # noqa: E731
-                               "--lr", 1e-3, "--warmup", 2, "--log-every", 1, "--sample-every", 0,
-                               "--device", "cpu", "--workers", 2, "--out", out]
+    argv = lambda out, steps: ["--data", folder, *TINY_NET, "--batch-size", 4,  # noqa: E731
+                               "--steps", steps, "--lr", 1e-3, "--warmup", 2, "--log-every", 1,
+                               "--sample-every", 0, "--device", "cpu", "--workers", 2, "--out", out]
     steps = 12
     finish("train_teacher.py", argv(tmp_path / "straight", steps))
     out = tmp_path / "stopped"
