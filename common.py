@@ -482,10 +482,13 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path, what="checkpoint", mmap=False):
-    """A checkpoint is data: weights_only=True; clear errors for missing or corrupt files.
+    """A checkpoint is data: weights_only=True; clear errors for missing or corrupt files; a run
+    folder stands for its latest.pt.
     mmap=True maps the file instead of reading it (cheap when only a few entries are needed)."""
     if not path:
         fail(f"no {what} given")
+    if os.path.isdir(path):  # a run folder: its latest checkpoint, as --resume takes it
+        path = os.path.join(path, "latest.pt")
     if not os.path.isfile(path):
         fail(f"{what} file not found: {path}; check the path")
     try:

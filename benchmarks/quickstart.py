@@ -69,10 +69,11 @@ def sh(command):
     return time.perf_counter() - start
 
 
-def before_after(out):
-    """The distillation's own grids (same latents): step 0 = z + v*(0, z), and the last step."""
+def before_after(out, run=os.path.join(WORK, "toy_distill")):
+    """The distillation's own grids (same latents): step 0 = its start (here z + v*(0, z)), and
+    step 60."""
     from PIL import Image
-    grids = os.path.join(ROOT, WORK, "toy_distill", "samples")
+    grids = os.path.join(ROOT, run, "samples")
     a = Image.open(os.path.join(grids, "0000000_gen.png"))
     b = Image.open(os.path.join(grids, "0000060_ema0.95.png"))
     im = Image.new("RGB", (2 * a.width + 8, a.height), "white")

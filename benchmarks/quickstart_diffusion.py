@@ -17,10 +17,7 @@ RealUID run's grids at step 0 and at the end, same latents) and prints a Markdow
 """
 import json
 import os
-import shutil
-import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -28,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid  # noqa: E402
 from benchmarks import measure  # noqa: E402
+from benchmarks.quickstart import before_after, fresh, sh  # noqa: E402
+from benchmarks.quickstart import here as moved  # noqa: E402
 
 TOY_NET = ("--image-size 16 --num-channels 32 --channel-mult 1,2,2 --num-res-blocks 1 "
            "--attention-resolutions 8")
@@ -54,34 +53,16 @@ PLAIN = ("python distill.py --teacher runs/toy_edm_teacher/latest.pt --teacher-e
          "--steps 60 --log-every 10 --sample-every 60 --out runs/toy_edm_plain")
 UNIFORM = PLAIN.replace("--fake-weight none --gen-weight none ", "").replace(
     "toy_edm_plain", "toy_edm_uniform")  # the diffusion weights, with uniform t
-WORK = "runs/bench_diffusion"
+WORK = "runs/bench_diffusion"  # the benchmark's own folder
 
 
 def here(command):
-    """The command with every runs/ path moved below WORK (the benchmark's own folder)."""
-    return command.replace("runs/", f"{WORK}/")
-
-
-def sh(command):
-    start = time.perf_counter()
-    subprocess.run(command, shell=True, cwd=ROOT, check=True)
-    return time.perf_counter() - start
-
-
-def before_after(out):
-    """The RealUID run's own grids (same latents): step 0 = the generator's start, and step 60."""
-    from PIL import Image
-    grids = os.path.join(ROOT, WORK, "toy_edm_distill", "samples")
-    a = Image.open(os.path.join(grids, "0000000_gen.png"))
-    b = Image.open(os.path.join(grids, "0000060_ema0.95.png"))
-    im = Image.new("RGB", (2 * a.width + 8, a.height), "white")
-    im.paste(a, (0, 0))
-    im.paste(b, (a.width + 8, 0))
-    im.resize((3 * im.width, 3 * im.height), Image.NEAREST).save(out)  # readable at 16x16
+    """The command with every runs/ path moved below WORK."""
+    return moved(command, WORK)
 
 
 def main():
-    shutil.rmtree(os.path.join(ROOT, WORK), ignore_errors=True)  # the benchmark's own folder
+    fresh(WORK)
     times = {c.split()[1]: sh(here(c)) for c in COMMANDS}
     times["distill.py (SiD)"] = sh(here(SID))
     times["distill.py (RealUID, uniform t, no weights)"] = sh(here(PLAIN))
@@ -128,7 +109,8 @@ def main():
     print("\n| model | pixel-space FD to held-out (2,048 images) |\n|---|---|")
     for name, value in results.items():
         print(f"| {name} | {value:.2f} |")
-    before_after(os.path.join(ROOT, "docs", "quickstart_diffusion.png"))
+    before_after(os.path.join(ROOT, "docs", "quickstart_diffusion.png"),
+                 os.path.join(WORK, "toy_edm_distill"))
     print(f"\nwrote {out} and docs/quickstart_diffusion.png")
 
 

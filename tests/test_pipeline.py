@@ -256,11 +256,13 @@ def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path
 
 @pytest.mark.parametrize("section,script", [("## CPU quick start", "quickstart"),
                                             ("### CPU quick start: 4x super-resolution",
-                                             "quickstart_pairs")])
+                                             "quickstart_pairs"),
+                                            ("### CPU quick start: a diffusion teacher",
+                                             "quickstart_diffusion")])
 def test_readme_quick_start_is_what_the_benchmark_measures(section, script):
-    """The figures quoted under the README's quick starts come from benchmarks/quickstart.py and
-    benchmarks/quickstart_pairs.py, which rerun their commands verbatim: the lists must not
-    drift apart."""
+    """The figures quoted under the README's quick starts come from benchmarks/quickstart.py,
+    quickstart_pairs.py and quickstart_diffusion.py, which rerun their commands verbatim: the
+    lists must not drift apart."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     module = __import__(script)
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()

@@ -97,8 +97,10 @@ def test_load_teacher_reads_our_flow_matching_teacher(teachers_fm):
 
 
 @pytest.fixture(scope="module")
-def teachers_fm(teachers):
-    return teachers["uncond"]
+def teachers_fm(request):
+    """conftest's tiny unconditional flow-matching teacher (its fixture is named like this
+    module's `teachers`)."""
+    return request.getfixturevalue("teachers")["uncond"]
 
 
 def test_generator_start_time_is_sids_generator():
