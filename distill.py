@@ -308,9 +308,6 @@ def setup(args, proc):
         args.teacher, "raw" if args.teacher_ema is None else args.teacher_ema, device, fallback)
     state.teacher_fingerprint = common.fingerprint(state.teacher.state_dict())
     state.diffusion = teachers.is_diffusion(state.teacher)
-    if state.diffusion and state.gan:
-        common.fail("the GAN baseline needs the U-Net's discriminator head; a diffusion "
-                    "teacher's network has none: drop --gan-gen-coef / --gan-disc-coef")
     # The students' network: the teacher's architecture, with the students' dropout.
     state.cfg = cfg = teachers.student_config(state.teacher, args.dropout)
     state.num_classes = teachers.num_classes(state.teacher)

@@ -82,7 +82,7 @@ class DenoiserField(torch.nn.Module):
     compute in float32 anyway); the field returns the input's dtype.
     """
 
-    def __init__(self, denoiser):
+    def __init__(self, denoiser, gan_head=False):
         super().__init__()
         self.denoiser = denoiser
         self.label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
@@ -90,6 +90,31 @@ class DenoiserField(torch.nn.Module):
         sigma_max = min(float(getattr(denoiser, "sigma_max", math.inf)), SIGMA_RANGE[1])
         self.t_min, self.t_max = 1 / (1 + sigma_max), 1 / (1 + sigma_min)
         self.config = edm_config(denoiser)
+        if gan_head:  # the GAN baseline's discriminator on the bottleneck (SPEC section 5)
+            c = self._middle().out_channels
+            g = math.gcd(32, max(c // 4, 1))  # GroupNorm(32), >= 4 channels a group
+            self.cls_pred_branch = torch.nn.Sequential(
+                torch.nn.Conv2d(c, c, 2, stride=2), torch.nn.GroupNorm(g, c), torch.nn.SiLU(),
+                torch.nn.Conv2d(c, c, 2, stride=2), torch.nn.GroupNorm(g, c), torch.nn.SiLU(),
+                torch.nn.Conv2d(c, 1, 1))
+
+    def _middle(self):
+        """The last block of the architecture's middle (the bottleneck), EDM's `<res>_in1`."""
+        return next(m for n, m in self.denoiser.model.dec.items() if n.endswith("_in1"))
+
+    def forward_head(self, t, x, y=None, s=None):
+        """GAN discriminator logits from the bottleneck after the middle blocks, as the U-Net's
+        (unet.UNet.forward_head): the network runs up to there (a hook stops it)."""
+        def stop(module, inputs, output):
+            raise _Bottleneck(output)
+        handle = self._middle().register_forward_hook(stop)
+        try:
+            self(t, x, y)
+        except _Bottleneck as b:
+            return self.cls_pred_branch(b.args[0].float())
+        finally:
+            handle.remove()
+        raise RuntimeError("the network never reached its middle block")
 
     def denoise(self, x, sigma, y=None):
         """D(x; sigma, y) with integer labels y (or None)."""
@@ -104,6 +129,10 @@ class DenoiserField(torch.nn.Module):
         return ((D - xf) / (1 - t_)).to(x.dtype)
 
 
+class _Bottleneck(Exception):
+    """Carries the bottleneck features out of a forward pass (DenoiserField.forward_head)."""
+
+
 def edm_config(denoiser):
     """What rebuilds a denoiser of edm.py: its class name and constructor arguments (a
     student's config adds its dropout)."""
@@ -116,8 +145,9 @@ def is_diffusion(net):
     return isinstance(net, DenoiserField)
 
 
-def build_edm(config, sd=None, what="weights"):
-    """A DenoiserField from edm_config's dict (and strictly loaded weights)."""
+def build_edm(config, sd=None, what="weights", gan_head=False):
+    """A DenoiserField from edm_config's dict (and strictly loaded weights; only a GAN head may
+    be absent from them: it keeps its fresh initialisation)."""
     cls = edm.NETWORKS.get(config.get("edm"))
     if cls is None:
         common.fail(f"unknown EDM network {config.get('edm')!r}; expected one of "
@@ -127,9 +157,10 @@ def build_edm(config, sd=None, what="weights"):
     except (TypeError, ValueError) as e:
         common.fail(f"cannot build the EDM network {config['edm']} from its config ({e})")
     denoiser.init_args, denoiser.init_kwargs = config.get("args", []), config.get("kwargs", {})
-    field = DenoiserField(denoiser)
+    field = DenoiserField(denoiser, gan_head)
     if sd is not None:
-        common.load_state(field, sd, what)
+        head = {k: v for k, v in field.state_dict().items() if k.startswith(common.HEAD)}
+        common.load_state(field, {**head, **common.clean_state_dict(sd)}, what)
     return field
 
 
@@ -137,10 +168,7 @@ def build(config, sd=None, gan_head=False, dropout=None, what="weights"):
     """Any network of this repository from the `net` config of one of our checkpoints: the
     U-Net (common.build_net) or a diffusion teacher's DenoiserField."""
     if "edm" in config:
-        if gan_head:
-            common.fail("the GAN baseline needs the U-Net's discriminator head; it is not "
-                        "available for a diffusion teacher's network")
-        field = build_edm(config, sd, what)
+        field = build_edm(config, sd, what, gan_head)
         dropout = config.get("dropout") if dropout is None else dropout
         return field if dropout is None else set_dropout(field, dropout)
     return common.build_net(config, sd, gan_head=gan_head, dropout=dropout, what=what)

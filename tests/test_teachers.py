@@ -250,6 +250,10 @@ def test_distill_and_sample_on_an_edm_pickle(tmp_path, tiny_data):
             saved["gen_weight"]) == ("teacher", "edm", "sid", "edm", "sid")
     run(distill, ["--resume", tmp_path / "realuid", "--steps", 3])
     assert load(tmp_path / "realuid" / "latest.pt")["step"] == 3
+    run(distill, [*common, "--data", tiny_data["uncond"], "--alpha", 0.94, "--beta", 0.96,
+                  "--gan-gen-coef", 0.3, "--gan-disc-coef", 1.0, "--steps", 1,
+                  "--out", tmp_path / "gan"])  # the GAN baseline on a diffusion teacher
+    assert any(k.startswith("cls_pred_branch.") for k in load(tmp_path / "gan" / "latest.pt")["u"])
     run(distill, [*common, "--gen-gamma", 2.4, "--fake-t", "edm", "--gen-t", "sid",
                   "--fake-weight", "edm", "--gen-weight", "sid", "--steps", 1,
                   "--out", tmp_path / "sid"])
@@ -259,6 +263,28 @@ def test_distill_and_sample_on_an_edm_pickle(tmp_path, tiny_data):
         run(sample, ["--ckpt", ckpt_path, "--n", 4, "--out", out, *extra])
         images = np.load(out)["images"]
         assert images.shape == (4, 8, 8, 3) and images.std() > 0
+
+
+def test_gan_head_on_a_diffusion_network():
+    """The GAN baseline's discriminator sits on the bottleneck of EDM's network (after the
+    middle blocks), as on the U-Net: forward_head = head(features there), gradients reach the
+    encoder and the head, and a head absent from the weights keeps its fresh initialisation."""
+    net, _ = small_edm()
+    fake = teachers.build(teachers.edm_config(net), teachers.DenoiserField(net).state_dict(),
+                          gan_head=True).eval()  # eval: no dropout between the two passes
+    t, x = torch.tensor([0.3, 0.7]), torch.randn(2, 3, 8, 8)
+    seen = []
+    hook = fake._middle().register_forward_hook(lambda m, i, o: seen.append(o))
+    fake(t, x)
+    hook.remove()
+    logits = fake.forward_head(t, x)
+    assert torch.equal(logits, fake.cls_pred_branch(seen[0]))
+    assert logits.std() > 0  # the head tells samples apart
+    logits.sum().backward()
+    assert fake.cls_pred_branch[0].weight.grad.abs().sum() > 0
+    assert fake.denoiser.model.enc[next(iter(fake.denoiser.model.enc))].weight.grad is not None
+    assert all(p.grad is None for n, p in fake.named_parameters() if ".dec." in n and
+               "_in" not in n)  # the decoder never ran
 
 
 def test_a_diffusion_teacher_trained_here(tmp_path, tiny_data):
