@@ -320,7 +320,7 @@ def setup(args, proc):
                     "generator with `python eval_pairs.py` instead")
     # Where the teacher is defined (a denoiser: sigma in [sigma_min, sigma_max]), and where the
     # generator starts: x = z + G(0, z) for flow matching, SiD's sigma_init for a denoiser.
-    state.t_range = (getattr(state.teacher, "t_min", 0.0), getattr(state.teacher, "t_max", 1.0))
+    state.t_range = teachers.t_range(state.teacher)
     if args.sigma_init is None and state.diffusion:
         args.sigma_init = 2.5
     state.t_g = 0.0 if args.sigma_init is None else 1 / (1 + args.sigma_init)
@@ -621,8 +621,8 @@ def generator_update(state, args, batch):
         with ddp_sync:
             with state.amp:
                 x_g = generate(player.forward, z, y, s, state.t_g)  # with its graph
-                if state.general or state.gen_gamma != state.alpha or args.gen_weight == "sid":
-                    sid = args.gen_weight == "sid"  # (1 - t)^2 / 2 / mean |x_g - D*|: SiD's
+                sid = args.gen_weight == "sid"  # (1 - t)^2 / 2 / mean |x_g - D*|: SiD's
+                if state.gen_gamma != state.alpha or sid:  # General RealUID's generator side
                     loss = general_generator_loss(teacher, fake, x_g, x0, t, y, s,
                                                   alpha=state.alpha, beta=state.beta,
                                                   gamma=state.gen_gamma,

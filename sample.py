@@ -51,20 +51,19 @@ def load_model(path, ema, fallback_cfg):
     image-to-image coupling of its config, None for noise-to-image models), `t_g` (a
     generator's start time, flow.generate) and `ckpt` (the loaded file; {} for a pickle).
     Teachers are read by teachers.load_teacher."""
-    if os.path.isdir(path):  # a run folder, as --resume takes it
-        path = os.path.join(path, "latest.pt")
     if path.endswith(teachers.EDM_SUFFIXES):
         net = teachers.load_teacher(path)
         return argparse.Namespace(net=net, kind="teacher", ema=None, ckpt={}, coupling=None,
                                   t_g=0.0)
-    ckpt = common.load_checkpoint(path, "checkpoint")
+    ckpt = common.load_checkpoint(path, "checkpoint")  # a run folder: its latest.pt
     kind = common.checkpoint_kind(ckpt)
     if kind is None:
         common.fail(f"{path} holds neither a teacher (net_model/ema_models) nor a generator "
                     f"(gen/ema_gens); keys: {sorted(ckpt)}")
     ema = common.first_ema(ckpt) if ema == "first" else ema
     if kind == "teacher":
-        net = teachers.load_teacher(path, "raw" if ema is None else ema, fallback=fallback_cfg)
+        net = teachers.teacher_from_checkpoint(ckpt, path, "raw" if ema is None else ema,
+                                               fallback_cfg)
     else:
         sd = common.pick_weights(ckpt, ema, path)
         cfg = common.net_config_from(ckpt, sd, fallback_cfg)
@@ -85,7 +84,7 @@ def one_pass(model, z, y=None, s=None, nfe=100, sampler="euler"):
             common.fail("--sampler heun is EDM's sampler for diffusion teachers; sample a "
                         "flow-matching teacher with --sampler euler")
         return teachers.edm_heun(model.net, z, y, steps=(nfe + 1) // 2)
-    t0, t1 = getattr(model.net, "t_min", 0.0), getattr(model.net, "t_max", 1.0)
+    t0, t1 = teachers.t_range(model.net)
     return euler(model.net, z, y, s, nfe=nfe, t0=t0, t1=t1)
 
 

@@ -14,7 +14,6 @@ x_t = t x1 + (1 - t) x0, x0 ~ N(0, I)):
 EDM's weights are CC BY-NC-SA 4.0 (NVlabs/edm): models distilled from them inherit that license.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -195,13 +194,16 @@ def load_teacher(path, ema=None, device="cpu", fallback=None):
     `t_min`, `t_max`.
     """
     path = str(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "latest.pt")
     if path.endswith(EDM_SUFFIXES):  # EDM keeps one network, its EMA, under `ema`: `ema` n/a
         net = DenoiserField(edm.load_edm_network(path))
         net.coupling = None
         return net.to(device).eval().requires_grad_(False)
-    ckpt = common.load_checkpoint(path, "teacher checkpoint")
+    ckpt = common.load_checkpoint(path, "teacher checkpoint")  # a run folder: its latest.pt
+    return teacher_from_checkpoint(ckpt, path, ema, fallback).to(device)
+
+
+def teacher_from_checkpoint(ckpt, path, ema=None, fallback=None):
+    """load_teacher for a checkpoint already read (ours or the authors'), on the CPU."""
     common.require_kind(ckpt, "teacher", path)
     if ema is None:
         ema = common.first_ema(ckpt)
@@ -209,7 +211,12 @@ def load_teacher(path, ema=None, device="cpu", fallback=None):
     cfg = common.net_config_from(ckpt, sd, fallback or unet.PAPER_CONFIG)
     net = build(cfg, sd, dropout=0.0, what=f"teacher weights in {path}")
     net.coupling = ckpt.get("config", {}).get("coupling")
-    return net.to(device).eval().requires_grad_(False)
+    return net.eval().requires_grad_(False)
+
+
+def t_range(net):
+    """Where a network's field is used: [t_min, t_max] of a denoiser, [0, 1] for flow matching."""
+    return getattr(net, "t_min", 0.0), getattr(net, "t_max", 1.0)
 
 
 def student_config(teacher, dropout):

@@ -257,7 +257,8 @@ def save(state, args, name="latest.pt"):
 
 def sample_teacher(net, z, y, nfe):
     """Euler steps of the teacher's field, on its range of t (flow.euler)."""
-    return euler(net, z, y, nfe=nfe, t0=getattr(net, "t_min", 0.0), t1=getattr(net, "t_max", 1.0))
+    t0, t1 = teachers.t_range(net)
+    return euler(net, z, y, nfe=nfe, t0=t0, t1=t1)
 
 
 @torch.no_grad()
