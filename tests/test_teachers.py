@@ -14,6 +14,7 @@ import edm
 import sample
 import teachers
 import train_teacher
+import training
 from conftest import FAST, TINY_NET, load, run
 from flow import euler, generate, interpolate
 from test_edm import ARCHS, set_weights, write_edm_pickle
@@ -154,6 +155,33 @@ def test_sid_configuration_has_sids_generator_gradient():
     err = ((ours - theirs).norm() / theirs.norm()).item()
     print(f"SiD gradient identity: relative error {err:.2e}")
     assert theirs.norm() > 0 and err < 1e-4
+
+
+def test_distill_sid_command_line_has_sids_generator_gradient(tmp_path):
+    """The same through distill.py's own generator update, as the SiD command line sets it up
+    (an EDM pickle, --gen-gamma 2.4, the diffusion defaults: SiD's laws, weights, sigma_init
+    2.5, the fake model from the teacher): the gradient the update leaves on G is SiD's."""
+    net, kwargs = small_edm()
+    pkl = tmp_path / "edm-toy.pkl"
+    write_edm_pickle(pkl, net, kwargs)
+    args = distill.parse_args(["--teacher", pkl, "--gen-gamma", 2.4, "--batch-size", 4,
+                               "--grad-clip", 1e9, "--device", "cpu", "--workers", 0,
+                               "--out", tmp_path / "run"])
+    state = distill.setup(args, training.Process("cpu"))
+    torch.manual_seed(8)
+    for p in state.fake.parameters():  # a fake model that is not the teacher any more
+        p.data.add_(0.05 * torch.randn_like(p))
+    state.gen_player.step = lambda: None  # keep the gradient the update computed
+    batch = distill.draw(state, args, args.gen_t)
+    distill.generator_update(state, args, batch)
+    ours = torch.cat([p.grad.flatten() for p in state.gen.parameters() if p.grad is not None])
+    state.gen.zero_grad()
+    x_g = generate(state.gen, batch["z"], t_g=1 / 3.5)
+    sid_generator_loss(state.teacher, state.fake_frozen, x_g, batch["x0"], batch["t"],
+                       1.2).backward()
+    theirs = torch.cat([p.grad.flatten() for p in state.gen.parameters() if p.grad is not None])
+    err = ((ours - theirs).norm() / theirs.norm()).item()
+    assert theirs.norm() > 0 and err < 1e-4, err
 
 
 def test_data_free_realuid_is_twice_sid_at_one_half():
