@@ -31,156 +31,18 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 import common
 import coupling
 import fid
 import runs
-import training
+import players
 import teachers
-from flow import field, generate, interpolate
+from flow import generate
+from losses import (edm_weight, fake_model_loss, gan_discriminator_loss, gan_generator_loss,
+                    gan_levels, general_fake_model_loss, general_generator_loss, generator_loss,
+                    noise_levels, sid_generator_weight)
 
-
-# ---------------------------------------------------------------------------------------------
-# The mathematics. Each function stands alone: tensors [B, ...] of any shape (images or
-# vectors), sums over all non-batch dimensions, mean over the batch; the value is minimised.
-# One calling convention for all of them: the networks first, always in the order teacher v*,
-# fake model f (or the discriminator D); then the tensors x_g, x_d, x0, t, y, s; then the
-# coefficients, keyword-only (alpha=..., beta=..., gamma=...), so that no positional copy can
-# swap two networks or two coefficients. y are class labels or None; s is the source image of
-# an image-to-image coupling (Appendix C) or None. Networks are called v(t, x, y) without a
-# source and v(t, x, y, s) with one. Network outputs are cast to the data's dtype: under
-# autocast the losses stay in float32.
-
-def _batch_mean(loss, weight=None):
-    """Sum over all but the batch dimension, then the mean over the batch, each sample's sum
-    multiplied by its weight [B] if given (SiD's weightings, see generator_update)."""
-    per_sample = loss.flatten(1).sum(1)
-    return (per_sample if weight is None else per_sample * weight).mean()
-
-
-def _twice(v):
-    """The conditioning of a batch for the fused pass over [generated; real] (None stays None)."""
-    return None if v is None else torch.cat([v, v])
-
-
-def fake_model_loss(fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta, weight=None):
-    """RealUM(f) of eq. (17), minimised by the fake model f (the inner max of eq. (18) is
-    max_f -RealUM(f)):
-
-        E_gen[ alpha |f(t, x_t^g)|^2 - 2 beta <f, u_g> ] + E_real[ (1 - alpha) |f(t, x_t^d)|^2
-        - 2 (1 - beta) <f, u_d> ],    u_g = x_g - x0,  u_d = x_d - x0,
-
-    i.e. alpha |f - (beta/alpha) u_g|^2 + (1 - alpha) |f - ((1-beta)/(1-alpha)) u_d|^2 up to
-    terms without f; its pointwise optimum is Lemma 2's f = (beta p_g v_G + (1 - beta) p_d v*) /
-    (alpha p_g + (1 - alpha) p_d). x_g is generated without a graph; x_d (real data) may be None
-    when alpha = beta = 1. The two batches share x0 and t (and y, s) and go through f in one
-    forward pass. `weight` [B] weighs each sample (its generated and real terms), e.g. EDM's
-    denoising weight for a diffusion fake model; it leaves the pointwise optimum unchanged.
-    """
-    u_g = x_g - x0
-    if alpha == 1 and beta == 1:  # data-free UID: the real-data terms vanish
-        f_g = field(fake, t, interpolate(x_g, x0, t), y, s).to(x0.dtype)
-        return _batch_mean(alpha * (f_g * f_g) - 2 * beta * (f_g * u_g), weight)
-    u_d = x_d - x0
-    xt = torch.cat([interpolate(x_g, x0, t), interpolate(x_d, x0, t)])
-    f_g, f_d = field(fake, t.repeat(2), xt, _twice(y), _twice(s)).to(x0.dtype).chunk(2)
-    loss = (alpha * (f_g * f_g) - 2 * beta * (f_g * u_g)
-            + (1 - alpha) * (f_d * f_d) - 2 * (1 - beta) * (f_d * u_d))
-    return _batch_mean(loss, weight)
-
-
-def generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta):
-    """The generator's side of eq. (18), RealUM(v*) - RealUM(f) on the generated batch (the
-    real-data terms do not depend on G), minimised by G:
-
-        E_gen[ alpha |v*|^2 - 2 beta <v*, u_g> - alpha |f|^2 + 2 beta <f, u_g> ]
-        = E_gen[ alpha |v* - (beta/alpha) u_g|^2 - alpha |f - (beta/alpha) u_g|^2 ].
-
-    Gradients reach G through x_t and u_g; teacher v* and fake model f are frozen (their
-    parameters should not require grad, so that no parameter gradients are computed).
-    """
-    xt, u_g = interpolate(x_g, x0, t), x_g - x0
-    v, fv = field(teacher, t, xt, y, s).to(x0.dtype), field(fake, t, xt, y, s).to(x0.dtype)
-    loss = alpha * (v * v - fv * fv) - 2 * beta * ((v - fv) * u_g)
-    return loss.flatten(1).sum(1).mean()
-
-
-def general_fake_model_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta,
-                            gamma):
-    """General RealUID (Appendix A.2, delta form, delta = f - v*), minimised by f: minus
-
-        E_gen[ -gamma |delta|^2 + 2 beta <delta, u_g> - 2 alpha <delta, v*> ]
-      + E_real[ -(1 - gamma) |delta|^2 + 2 (1 - beta) <delta, u_d> - 2 (1 - alpha) <delta, v*> ].
-
-    gamma = alpha gives RealUID: this is then RealUM(f) - RealUM(v*), fake_model_loss up to a
-    constant. Needs the teacher on both batches (no gradient). x_d may be None if
-    alpha = beta = gamma = 1.
-    """
-    u_g = x_g - x0
-    real = not (alpha == 1 and beta == 1 and gamma == 1)
-    xt, tt, yy, ss = interpolate(x_g, x0, t), t, y, s
-    if real:
-        xt = torch.cat([xt, interpolate(x_d, x0, t)])
-        tt, yy, ss = t.repeat(2), _twice(y), _twice(s)
-    with torch.no_grad():
-        v = field(teacher, tt, xt, yy, ss).to(x0.dtype)
-    delta = field(fake, tt, xt, yy, ss).to(x0.dtype) - v
-    if not real:
-        gain = -gamma * delta * delta + 2 * beta * delta * u_g - 2 * alpha * delta * v
-        return -gain.flatten(1).sum(1).mean()
-    (d_g, d_d), (v_g, v_d) = delta.chunk(2), v.chunk(2)
-    gain = (-gamma * d_g * d_g + 2 * beta * d_g * u_g - 2 * alpha * d_g * v_g
-            - (1 - gamma) * d_d * d_d + 2 * (1 - beta) * d_d * (x_d - x0)
-            - 2 * (1 - alpha) * d_d * v_d)
-    return -gain.flatten(1).sum(1).mean()
-
-
-def general_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta, gamma,
-                           weight=None, normalize=False):
-    """General RealUID (Appendix A.2), generator side, minimised by G (delta = f - v*):
-
-        E_gen[ -gamma |delta|^2 + 2 beta <delta, u_g> - 2 alpha <delta, v*> ].
-
-    With gamma = alpha this equals generator_loss exactly. The generator-side gamma may exceed 1
-    (the fake model's loss keeps its own): with D = x_t + (1 - t) v, alpha = beta = 1, this is
-    2 L_SiD / (1 - t)^2 with alpha_SiD = gamma / 2, SiD's generator loss (Zhou et al. 2024)
-
-        L_SiD = (D* - D_f) . ((D* - x_g) - alpha_SiD (D* - D_f)),
-
-    since D* - D_f = -(1 - t) delta and D* - x_g = (1 - t)(v* - u_g) (Appendix A.3; SiD's
-    alpha_SiD = 1.2 is gamma = 2.4). `weight` [B] weighs each sample; `normalize` divides each
-    sample's loss by mean |x_g - D*| = (1 - t) mean |u_g - v*|, without gradient, as SiD does
-    (weight (1 - t)^2 / 2 with normalize=True is SiD's generator loss itself).
-    """
-    xt, u_g = interpolate(x_g, x0, t), x_g - x0
-    v = field(teacher, t, xt, y, s).to(x0.dtype)
-    delta = field(fake, t, xt, y, s).to(x0.dtype) - v
-    loss = -gamma * delta * delta + 2 * beta * delta * u_g - 2 * alpha * delta * v
-    if normalize:
-        t_ = t.view(-1, *[1] * (x0.dim() - 1))
-        scale = ((1 - t_) * (u_g - v)).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
-        weight = 1 / scale if weight is None else weight / scale
-    return _batch_mean(loss, weight)
-
-
-def gan_discriminator_loss(D, x_g, x_d, x0, t_gan, y=None, s=None):
-    """Optional GAN baseline (eqs. (7)-(9), Appendix D), discriminator side, minimised:
-    mean softplus(D(x_t^g)) + mean softplus(-D(x_t^d)) on interpolations at t_gan (the authors
-    use t_gan = 1 - 0.2 U[0, 1]). D(t, x, y[, s]) returns logits, e.g. fake.forward_head."""
-    xt = torch.cat([interpolate(x_g, x0, t_gan), interpolate(x_d, x0, t_gan)])
-    logits = field(D, t_gan.repeat(2), xt, _twice(y), _twice(s)).to(x0.dtype)
-    logit_g, logit_d = logits.chunk(2)
-    return F.softplus(logit_g).mean() + F.softplus(-logit_d).mean()
-
-
-def gan_generator_loss(D, x_g, x0, t_gan, y=None, s=None):
-    """Optional GAN baseline, generator side (non-saturating), minimised: mean softplus(-D)."""
-    return F.softplus(-field(D, t_gan, interpolate(x_g, x0, t_gan), y, s).to(x0.dtype)).mean()
-
-
-# ---------------------------------------------------------------------------------------------
 
 SCRIPT = "distill.py"  # named in resume hints
 
@@ -347,13 +209,13 @@ def setup(args, proc):
             fake_sd = common.clean_state_dict(ickpt["u"])
     if args.fake_init == "teacher":
         fake_sd = t_sd
-    training.seed_init(args.seed)
+    players.seed_init(args.seed)
     state.gen = teachers.build(cfg, gen_sd, what="generator weights").to(device)
     state.fake = teachers.build(cfg, fake_sd, gan_head=state.gan,
                                 what="fake-model weights").to(device)
     state.emas = {common.ema_key(decay): copy.deepcopy(state.gen).requires_grad_(False).eval()
                   for decay in args.ema}
-    training.seed_dropout(args.seed, proc.rank)
+    players.seed_dropout(args.seed, proc.rank)
     state.shape = teachers.image_shape(state.teacher)
 
     # Real data: the targets when alpha, beta < 1 (or the GAN); a coupling always reads its
@@ -374,14 +236,14 @@ def setup(args, proc):
         for net in (state.teacher, state.gen, state.fake, *state.emas.values()):
             net.to(memory_format=torch.channels_last)
     # Each player as the other one sees it: on the same weights, frozen, in eval mode.
-    state.gen_frozen = training.frozen_alias(state.gen)
-    state.fake_frozen = training.frozen_alias(state.fake)
+    state.gen_frozen = players.frozen_alias(state.gen)
+    state.fake_frozen = players.frozen_alias(state.fake)
     # Adam with betas (0, 0.999) for both players, linear warm-up per optimizer (Appendix D).
     compile_mode = args.compile_mode if args.compile else None
     state.gen_player, state.fake_player = (
-        training.Player(net, args.lr, (0.0, 0.999), args.warmup, proc, compile_mode,
+        players.Player(net, args.lr, (0.0, 0.999), args.warmup, proc, compile_mode,
                     fp16=args.precision == "fp16") for net in (state.gen, state.fake))
-    state.noise = training.noise_generator(device, args.seed)
+    state.noise = players.noise_generator(device, args.seed)
 
     state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))
     consumed = 0
@@ -390,7 +252,7 @@ def setup(args, proc):
     elif args.resume:
         consumed = restore(state, args)
 
-    state.batches = training.Batches(data, args.batch_size, args.seed, proc, args.workers,
+    state.batches = players.Batches(data, args.batch_size, args.seed, proc, args.workers,
                                  consumed) if state.reads_data else None
     state.micro = proc.split(args.batch_size, args.grad_accum)
     state.amp = common.precision_context(device, args.precision)
@@ -423,7 +285,7 @@ def restore(state, args):
     fake.sched.load_state_dict(ckpt["sched_u"])
     gen.scaler.load_state_dict(ckpt.get("scaler_gen", {}))
     fake.scaler.load_state_dict(ckpt.get("scaler_u", {}))
-    training.set_rng_state(ckpt["rng"], state.noise, state.proc, path)
+    players.set_rng_state(ckpt["rng"], state.noise, state.proc, path)
     state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
                          ckpt.get("best_fid", math.inf))
     runs.check_resume_step(args, ckpt["step"])
@@ -520,7 +382,7 @@ def load_authors_adam(opt, state, n_params, path):
 
 
 def set_warmup_position(sched, updates):
-    """Put a warm-up scheduler (training.warmup) at `updates` updates done."""
+    """Put a warm-up scheduler (players.warmup) at `updates` updates done."""
     sched.last_epoch = updates - 1
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
@@ -534,21 +396,21 @@ def draw(state, args, law="uniform"):
     For a coupling the batch also holds the sources s; the generator's start z = kappa s +
     sigma eps_g and the interpolations' shared x0 = kappa s + sigma eps0 use independent
     noise (coupling.py explains why), and with alpha = beta = 1 the targets stay unread.
-    `law` is the law of t (teachers.noise_levels)."""
+    `law` is the law of t (losses.noise_levels)."""
     B, device, rng = args.batch_size, state.device, state.noise
-    z = training.randn(rng, (B, *state.shape), device)
-    x0 = training.randn(rng, (B, *state.shape), device)
-    r = (training.randn if law == "edm" else training.rand)(rng, (B,), device)  # t's randomness
-    noise = {"z": z, "x0": x0, "t": teachers.noise_levels(law, r, state.t_range)}
+    z = players.randn(rng, (B, *state.shape), device)
+    x0 = players.randn(rng, (B, *state.shape), device)
+    r = (players.randn if law == "edm" else players.rand)(rng, (B,), device)  # t's randomness
+    noise = {"z": z, "x0": x0, "t": noise_levels(law, r, state.t_range)}
     if state.gan:
-        noise["t_gan"] = 1 - 0.2 * training.rand(rng, (B,), device)
+        noise["t_gan"] = gan_levels(players.rand(rng, (B,), device))
     if state.reads_data:
-        noise["flip"] = training.rand(rng, (B,), device) < 0.5
+        noise["flip"] = players.rand(rng, (B,), device) < 0.5
     elif state.cond:  # data-free and conditional: labels uniform over the classes
-        noise["y"] = training.randint(rng, state.num_classes, (B,), device)
+        noise["y"] = players.randint(rng, state.num_classes, (B,), device)
     if state.coupling and state.coupling["task"] == "denoise":
-        noise["task"] = training.randn(rng, (B, *state.shape), device)
-    batch = training.rank_slice(noise, state.proc)
+        noise["task"] = players.randn(rng, (B, *state.shape), device)
+    batch = players.rank_slice(noise, state.proc)
     batch.setdefault("y", None)
     batch["x_d"], batch["s"] = None, None
     if state.reads_data:
@@ -588,7 +450,7 @@ def fake_update(state, args, batch):
                                                    t, y, s, alpha=state.alpha, beta=state.beta,
                                                    gamma=state.gamma)
                 else:
-                    weight = teachers.edm_weight(t) if args.fake_weight == "edm" else None
+                    weight = edm_weight(t) if args.fake_weight == "edm" else None
                     loss = fake_model_loss(player.forward, x_g, x_d, x0, t, y, s,
                                            alpha=state.alpha, beta=state.beta, weight=weight)
                 mb_terms["loss_fake"] = loss
@@ -598,7 +460,7 @@ def fake_update(state, args, batch):
                     mb_terms["loss_gan_disc"] = gan
                     loss = loss + args.gan_disc_coef * gan
             player.backward(loss / n)
-        training.add_terms(terms, mb_terms, n)
+        players.add_terms(terms, mb_terms, n)
     norm = player.clip(args.grad_clip)
     player.step()
     state.run.check.add("fake-model loss", sum(terms.values()), state.run.step)
@@ -626,7 +488,7 @@ def generator_update(state, args, batch):
                     loss = general_generator_loss(teacher, fake, x_g, x0, t, y, s,
                                                   alpha=state.alpha, beta=state.beta,
                                                   gamma=state.gen_gamma,
-                                                  weight=(1 - t) ** 2 / 2 if sid else None,
+                                                  weight=sid_generator_weight(t) if sid else None,
                                                   normalize=sid)
                 else:
                     loss = generator_loss(teacher, fake, x_g, x0, t, y, s,
@@ -637,12 +499,12 @@ def generator_update(state, args, batch):
                     mb_terms["loss_gan_gen"] = gan
                     loss = loss + args.gan_gen_coef * gan
             player.backward(loss / n)
-        training.add_terms(terms, mb_terms, n)
+        players.add_terms(terms, mb_terms, n)
     norm = player.clip(args.grad_clip)
     player.step()
     state.run.check.add("generator loss", sum(terms.values()), state.run.step)
     for decay in args.ema:
-        training.ema_update(state.emas[common.ema_key(decay)], state.gen, decay)
+        players.ema_update(state.emas[common.ema_key(decay)], state.gen, decay)
     return terms, norm
 
 
@@ -661,7 +523,7 @@ def save(state, args, name="latest.pt"):
                        "teacher_fingerprint": state.teacher_fingerprint,
                        "data": state.data_desc, "args": common.json_safe(vars(args))},
             "scaler_gen": gen.scaler.state_dict(), "scaler_u": fake.scaler.state_dict(),
-            "rng": training.rng_state(state.noise, state.proc),
+            "rng": players.rng_state(state.noise, state.proc),
             "data_batches": state.batches.consumed if state.batches else 0,
             "best_fid": run.best_fid, "elapsed_s": run.log.elapsed()}
     if state.proc.main:
@@ -689,7 +551,7 @@ def save_grids(state, args, z, y):
 
 def main(args):
     check_args(args)
-    proc = training.Process(args.device)
+    proc = players.Process(args.device)
     state = setup(args, proc)
     fid_eval = fid.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
                                  state.shape, state.num_classes, args.fid_n,
@@ -705,7 +567,7 @@ def main(args):
         print(f"{mode}{' + GAN' if state.gan else ''}; teacher {args.teacher} "
               f"({'cond' if state.cond else 'uncond'} {'x'.join(map(str, state.shape))}{pairs});"
               f" device {proc.device}, {proc.world} process(es), {args.precision}")
-    grid_z, grid_y = training.grid_latents(state.shape, state.num_classes, proc.device)
+    grid_z, grid_y = players.grid_latents(state.shape, state.num_classes, proc.device)
     run = state.run
     if proc.main and args.sample_every and run.step == 0:
         save_grids(state, args, grid_z, grid_y)  # the starting point z + v*(0, z), to compare

@@ -4,7 +4,7 @@ SIGTERM (finish the step, save, exit), the flags of a run and the rules of --res
 flags may change, that the teacher and the data are the same ones).
 
 Sampling and FID never import this module (they need only common.py); the optimisation
-machinery (processes, noise, batches, players) is training.py's.
+machinery (processes, noise, batches, players) is players.py's.
 """
 import contextlib
 import dataclasses

@@ -20,40 +20,11 @@ import torch.nn.functional as F
 
 import common
 import edm
+import net_pickles
 import unet
 
 EDM_SUFFIXES = (".pkl",)
 SIGMA_RANGE = (0.002, 80.0)  # EDM's sampling range: where its denoisers are used
-
-
-SIGMA_DATA = 0.5  # EDM's sigma_data, in its denoising weight
-
-
-def noise_levels(law, r, t_range=(0.0, 1.0)):
-    """t [B] from random numbers r [B] (normal for "edm", uniform on [0, 1) otherwise), with
-    sigma = (1 - t) / t the noise level of a denoiser (teachers.DenoiserField):
-    - uniform: t uniform on the teacher's range (flow matching: [0, 1]);
-    - edm: EDM's training law, ln sigma ~ N(-1.2, 1.2^2) (SiD's fake model);
-    - sid: SiD's generator law, sigma on EDM's rho = 7 grid between 0.002 and 80 at a position
-      uniform on [0, 0.8] from the low end (sigma from 0.002 up to about 24.4)."""
-    if law == "uniform":
-        lo, hi = t_range
-        return r if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * r
-    if law == "edm":
-        sigma = (-1.2 + 1.2 * r).exp()
-    elif law == "sid":
-        lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
-        sigma = (hi + (1 - 0.8 * r) * (lo - hi)) ** 7
-    else:
-        raise ValueError(f"unknown law of t {law!r}")
-    return 1 / (1 + sigma)
-
-
-def edm_weight(t):
-    """EDM's denoising weight (sigma^2 + s_d^2) / (sigma s_d)^2 in our units: a denoiser's error
-    D - x1 is (1 - t) times the field's, so the weight of |f - u|^2 is that times (1 - t)^2,
-    i.e. ((1 - t)^2 + s_d^2 t^2) / s_d^2 with sigma = (1 - t) / t."""
-    return ((1 - t) ** 2 + SIGMA_DATA ** 2 * t ** 2) / SIGMA_DATA ** 2
 
 
 class DenoiserField(torch.nn.Module):
@@ -195,7 +166,7 @@ def load_teacher(path, ema=None, device="cpu", fallback=None):
     """
     path = str(path)
     if path.endswith(EDM_SUFFIXES):  # EDM keeps one network, its EMA, under `ema`: `ema` n/a
-        net = DenoiserField(edm.load_edm_network(path))
+        net = DenoiserField(net_pickles.load_edm_network(path))
         net.coupling = None
         return net.to(device).eval().requires_grad_(False)
     ckpt = common.load_checkpoint(path, "teacher checkpoint")  # a run folder: its latest.pt

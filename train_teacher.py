@@ -34,29 +34,10 @@ import common
 import coupling
 import fid
 import runs
-import training
+import players
 import teachers
-from flow import euler, field, interpolate
-
-
-def flow_matching_loss(v, x1, x0, t, y=None, s=None, weight=None):
-    """Conditional flow matching (Lipman et al.; paper section 2), minimised by the teacher v.
-
-    x1: data [B, ...], x0: the start like x1 (noise, or kappa s + sigma_s eps for a coupling),
-    t: [B] in [0, 1], y: labels [B] or None, s: source images [B, ...] or None (Appendix C).
-    Returns mean over all elements of (v(t, x_t, y[, s]) - (x1 - x0))^2, i.e. F.mse_loss, exactly
-    the authors' reduction, with x_t = t x1 + (1 - t) x0.
-
-    With a per-sample weight [B] and t from EDM's law this is EDM's denoising loss
-    lambda(sigma) |D(x1 + sigma x0; sigma) - x1|^2 of a denoiser D = x_t + (1 - t) v
-    (teachers.DenoiserField), since D - x1 = (1 - t)(v - (x1 - x0)): weight =
-    lambda(sigma) (1 - t)^2 = teachers.edm_weight(t) (--param edm).
-    """
-    xt = interpolate(x1, x0, t)
-    err = (field(v, t, xt, y, s).to(x1.dtype) - (x1 - x0)).pow(2)
-    if weight is None:
-        return err.mean()
-    return (weight.view(-1, *[1] * (err.dim() - 1)) * err).mean()
+from flow import euler
+from losses import edm_weight, flow_matching_loss, noise_levels
 
 
 def edm_network(args, shape, num_classes):
@@ -137,7 +118,7 @@ def setup(args, proc):
         ickpt = common.load_checkpoint(args.init_from, "--init-from checkpoint")
         common.require_kind(ickpt, "teacher", args.init_from)
         init_sd = common.pick_weights(ickpt, None, args.init_from)
-    training.seed_init(args.seed)
+    players.seed_init(args.seed)
     if args.param == "edm":
         if state.coupling:
             common.fail("--param edm trains noise-to-image denoisers; image-to-image teachers "
@@ -152,14 +133,14 @@ def setup(args, proc):
     state.net.to(device)
     state.emas = {common.ema_key(decay): copy.deepcopy(state.net).requires_grad_(False).eval()
                   for decay in args.ema}
-    training.seed_dropout(args.seed, proc.rank)
+    players.seed_dropout(args.seed, proc.rank)
     if args.channels_last:
         for net in (state.net, *state.emas.values()):
             net.to(memory_format=torch.channels_last)
-    state.player = training.Player(state.net, args.lr, (0.9, 0.999), args.warmup, proc,
+    state.player = players.Player(state.net, args.lr, (0.9, 0.999), args.warmup, proc,
                                args.compile_mode if args.compile else None,
                                fp16=args.precision == "fp16")
-    state.noise = training.noise_generator(device, args.seed)
+    state.noise = players.noise_generator(device, args.seed)
 
     state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))
     consumed = 0
@@ -177,7 +158,7 @@ def setup(args, proc):
         state.player.opt.load_state_dict(ckpt["optim"])
         state.player.sched.load_state_dict(ckpt["sched"])
         state.player.scaler.load_state_dict(ckpt.get("scaler", {}))
-        training.set_rng_state(ckpt["rng"], state.noise, proc, args.resume)
+        players.set_rng_state(ckpt["rng"], state.noise, proc, args.resume)
         consumed = ckpt["data_batches"]
         state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
                              ckpt.get("best_fid", math.inf))
@@ -185,7 +166,7 @@ def setup(args, proc):
         if proc.main:
             print(f"resumed {args.resume} at step {ckpt['step']}")
 
-    state.batches = training.Batches(data, args.batch_size, args.seed, proc, args.workers, consumed)
+    state.batches = players.Batches(data, args.batch_size, args.seed, proc, args.workers, consumed)
     state.micro = proc.split(args.batch_size, args.grad_accum)
     state.amp = common.precision_context(device, args.precision)
     state.net.train()
@@ -198,13 +179,13 @@ def draw(state, args):
     of each image (pairs file or built-in task) and the path's start x0 = kappa s + sigma eps."""
     B, rng, device = args.batch_size, state.noise, state.device
     law = "edm" if args.param == "edm" else "uniform"  # EDM's: ln sigma normal, t = 1/(1+sigma)
-    x0 = training.randn(rng, (B, *state.shape), device)
-    r = (training.randn if law == "edm" else training.rand)(rng, (B,), device)
-    noise = {"x0": x0, "t": teachers.noise_levels(law, r),
-             "flip": training.rand(rng, (B,), device) < 0.5}
+    x0 = players.randn(rng, (B, *state.shape), device)
+    r = (players.randn if law == "edm" else players.rand)(rng, (B,), device)
+    noise = {"x0": x0, "t": noise_levels(law, r),
+             "flip": players.rand(rng, (B,), device) < 0.5}
     if state.coupling and state.coupling["task"] == "denoise":
-        noise["task"] = training.randn(rng, (B, *state.shape), device)
-    batch = training.rank_slice(noise, state.proc)
+        noise["task"] = players.randn(rng, (B, *state.shape), device)
+    batch = players.rank_slice(noise, state.proc)
     x_u8, y, src_u8 = state.batches.next()
     flip = batch.pop("flip")
     batch["x1"] = common.flip(common.from_uint8(x_u8), flip)
@@ -224,7 +205,7 @@ def teacher_update(state, args, batch):
     for mb, n, ddp_sync in player.micro_batches(batch, state.micro):
         with ddp_sync:
             with state.amp:
-                weight = teachers.edm_weight(mb["t"]) if args.param == "edm" else None
+                weight = edm_weight(mb["t"]) if args.param == "edm" else None
                 loss = flow_matching_loss(player.forward, mb["x1"], mb["x0"], mb["t"], mb["y"],
                                           mb["s"], weight)
             player.backward(loss / n)
@@ -233,7 +214,7 @@ def teacher_update(state, args, batch):
     player.step()
     state.run.check.add("flow-matching loss", loss_fm, state.run.step)
     for decay in args.ema:
-        training.ema_update(state.emas[common.ema_key(decay)], state.net, decay)
+        players.ema_update(state.emas[common.ema_key(decay)], state.net, decay)
     return loss_fm, norm
 
 
@@ -248,7 +229,7 @@ def save(state, args, name="latest.pt"):
             "config": {"kind": "teacher", "net": state.cfg, "coupling": state.coupling,
                        "data": state.data_desc, "args": common.json_safe(vars(args))},
             "scaler": player.scaler.state_dict(),
-            "rng": training.rng_state(state.noise, state.proc),
+            "rng": players.rng_state(state.noise, state.proc),
             "data_batches": state.batches.consumed, "best_fid": run.best_fid,
             "elapsed_s": run.log.elapsed()}
     if state.proc.main:
@@ -279,7 +260,7 @@ def save_grid(state, args, z, y):
 
 
 def main(args):
-    proc = training.Process(args.device)
+    proc = players.Process(args.device)
     state = setup(args, proc)
     fid_eval = fid.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
                                  state.shape, teachers.num_classes(state.net), args.fid_n,
@@ -292,7 +273,7 @@ def main(args):
         print(f"teacher: {sum(p.numel() for p in state.player.params):,} parameters, data "
               f"{state.data_size} images {'x'.join(map(str, state.shape))}{pairs}, device "
               f"{proc.device}, {proc.world} process(es), {args.precision}")
-    grid_z, grid_y = training.grid_latents(state.shape, teachers.num_classes(state.net),
+    grid_z, grid_y = players.grid_latents(state.shape, teachers.num_classes(state.net),
                                            proc.device)
     run = state.run
     ema = state.emas[common.ema_key(args.ema[0])]

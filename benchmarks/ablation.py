@@ -4,9 +4,9 @@ The paper (Kornilov et al., ICLR 2026, Table 1, section 3.4, Appendix A.1.2) cla
 fed through alpha != beta close to 1 gives better one-step samples than data-free distillation
 (alpha = beta = 1) and gets there in fewer updates, that alpha = beta != 1 adds nothing, and that
 settings far from the diagonal or with alpha = 1, beta < 1 are worse or unstable. This script
-tests those claims at a size that runs in minutes, with the very losses of distill.py
-(`distill.fake_model_loss`, `distill.generator_loss`), its generator `flow.generate` and the
-teachers' `train_teacher.flow_matching_loss`:
+tests those claims at a size that runs in minutes, with the very losses of losses.py
+(`losses.fake_model_loss`, `losses.generator_loss`), its generator `flow.generate` and the
+teachers' `losses.flow_matching_loss`:
 
     python benchmarks/ablation.py --quick --out results/ablation   # < 10 min on 2 CPU cores
     python benchmarks/ablation.py --full --out results/ablation_full  # hours (not run yet)

@@ -23,10 +23,11 @@ import torch.nn as nn
 
 import common
 import distill
+import losses
 import fid
 import flow
 import train_teacher
-import training
+import players
 import unet
 
 FAKE_STEPS = 5          # fake-model updates per generator update (the official 5 + 1 cycle)
@@ -388,7 +389,7 @@ def adam_update(net, opt, sched, loss, clip):
 
 
 def train_fm_teacher(spec):
-    """A flow-matching teacher (train_teacher.flow_matching_loss), Adam (0.9, 0.999), linear
+    """A flow-matching teacher (losses.flow_matching_loss), Adam (0.9, 0.999), linear
     warm-up, clipping at 1; returns the EMA weights (the distillation uses the teacher's EMA)."""
     b, problem = spec["budget"], spec["problem"]
     data = train_set(problem, b, spec.get("keep"))
@@ -396,13 +397,13 @@ def train_fm_teacher(spec):
     net = make_net(problem, b)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), b["teacher_lr"], betas=(0.9, 0.999), foreach=True)
-    sched = training.warmup(opt, spec["steps"] // 10)
+    sched = players.warmup(opt, spec["steps"] // 10)
     g = torch.Generator().manual_seed(TEACHER_SEED)
     for _ in range(spec["steps"]):
         x1 = data[torch.randint(len(data), (b["batch"],), generator=g)]
         x0, t = torch.randn(x1.shape, generator=g), torch.rand(len(x1), generator=g)
-        adam_update(net, opt, sched, train_teacher.flow_matching_loss(net, x1, x0, t), b["clip"])
-        training.ema_update(ema, net, spec["teacher_ema"])
+        adam_update(net, opt, sched, losses.flow_matching_loss(net, x1, x0, t), b["clip"])
+        players.ema_update(ema, net, spec["teacher_ema"])
     return {"name": spec["name"], "state": ema.state_dict()}
 
 
@@ -474,7 +475,7 @@ def realuid(spec):
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), b["lr"], betas=(0.0, 0.999), foreach=True)
     opt_f = torch.optim.Adam(fake.parameters(), b["lr"], betas=(0.0, 0.999), foreach=True)
-    sched_g, sched_f = training.warmup(opt_g, b["warmup"]), training.warmup(opt_f, b["warmup"])
+    sched_g, sched_f = players.warmup(opt_g, b["warmup"]), players.warmup(opt_f, b["warmup"])
     gens = [torch.Generator().manual_seed(m["seed"]) for m in members]
 
     def draw():
@@ -507,15 +508,15 @@ def realuid(spec):
             with torch.no_grad():
                 x_g = flow.generate(gen, z)
             # The losses average over all n * batch rows; times n, each member gets its own.
-            loss_f = n * distill.fake_model_loss(fake, x_g, x_d, x0, t, alpha=alpha, beta=beta)
+            loss_f = n * losses.fake_model_loss(fake, x_g, x_d, x0, t, alpha=alpha, beta=beta)
             member_update(fake, opt_f, sched_f, loss_f, b["clip"], n)
         z, x0, t, _ = draw()
         fake.requires_grad_(False)
-        loss_g = n * distill.generator_loss(teacher, fake, flow.generate(gen, z), x0, t,
+        loss_g = n * losses.generator_loss(teacher, fake, flow.generate(gen, z), x0, t,
                                             alpha=alpha, beta=beta)
         member_update(gen, opt_g, sched_g, loss_g, b["clip"], n)
         fake.requires_grad_(True)
-        training.ema_update(ema, gen, b["ema"])
+        players.ema_update(ema, gen, b["ema"])
         for i, ok in enumerate(finite().tolist()):
             if not ok and diverged[i] is None:
                 diverged[i] = step

@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import distill  # noqa: E402
+import losses  # noqa: E402
 import flow  # noqa: E402
-import training  # noqa: E402
+import players  # noqa: E402
 from benchmarks import measure  # noqa: E402
 
 
@@ -152,12 +153,12 @@ def gradients_agree(s, args):
     def rel(a, b):
         return float((a - b).abs().max() / b.abs().max())
 
-    ours_f = grads(s.fake, distill.fake_model_loss(s.fake, x_g, x_d, x0, t, alpha=args.alpha,
+    ours_f = grads(s.fake, losses.fake_model_loss(s.fake, x_g, x_d, x0, t, alpha=args.alpha,
                                                    beta=args.beta))
     theirs_f = grads(s.fake, authors_fake_objective(s.fake, t, x0, x_g, x_d, None, args.alpha,
                                                     args.beta))
     s.fake.requires_grad_(False)
-    ours_g = grads(s.gen, distill.generator_loss(s.teacher, s.fake, flow.generate(s.gen, z),
+    ours_g = grads(s.gen, losses.generator_loss(s.teacher, s.fake, flow.generate(s.gen, z),
                                                  x0, t, alpha=args.alpha, beta=args.beta))
     theirs_g = grads(s.gen, authors_generator_loss(s.fake, s.teacher, t, x0,
                                                    flow.generate(s.gen, z), None, args.alpha,
@@ -189,7 +190,7 @@ def main(args):
              "--beta", 0.96, "--batch-size", args.batch_size, "--warmup", 0, "--workers", 0]
     dargs = distill.parse_args([str(a) for a in flags + (["--device", args.device]
                                                           if args.device else [])])
-    s = distill.setup(dargs, training.Process(dargs.device))
+    s = distill.setup(dargs, players.Process(dargs.device))
     with torch.no_grad():  # a fresh fake model outputs zeros (zero-initialised last layers)
         for p in s.fake.parameters():
             if p.dim() > 1 and p.abs().max() == 0:

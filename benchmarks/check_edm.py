@@ -8,7 +8,7 @@ NCSN++ and skip/skip settings, DhariwalUNet, with and without labels, plus the f
 DDPM++ teachers), sets every parameter to random values (zero-initialised layers included),
 pickles each exactly as EDM's training loop writes a snapshot, and saves the outputs of EDM's
 network. A subprocess in which EDM's code cannot be imported then reads each pickle with
-`edm.load_edm_network` and compares D(x; sigma, y) and the raw network F, and checks that a
+`net_pickles.load_edm_network` and compares D(x; sigma, y) and the raw network F, and checks that a
 pickle whose __reduce__ runs `os.system` is refused with one line and runs nothing.
 Prints a table; exits 1 on any relative error above --tolerance or any parameter-count mismatch.
 Expected: relative errors 0 (float32 operations in EDM's order), about 35 s on 2 CPU cores.
@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import edm  # noqa: E402
+import net_pickles  # noqa: E402
 
 SMALL = dict(img_resolution=16, model_channels=16, channel_mult=[1, 2, 2], num_blocks=1,
              attn_resolutions=[8])
@@ -166,13 +167,15 @@ def relative_error(ours, theirs):
 def compare(work):
     """Subprocess side: EDM's code must not be importable here; edm.py reads every pickle."""
     for module in ("torch_utils", "dnnlib", "training.networks"):
-        if importlib.util.find_spec(module.split(".")[0]) is not None:
-            raise SystemExit(f"EDM's {module} is importable in the comparing process")
+        spec = importlib.util.find_spec(module.split(".")[0])
+        if spec is not None:  # e.g. a module of this repository named like one of EDM's
+            raise SystemExit(f"EDM's {module} is importable in the comparing process "
+                             f"(from {spec.origin}); rename or remove it")
     with open(os.path.join(work, "manifest.json")) as f:
         manifest = json.load(f)
     for case in manifest:
-        data = edm.load_edm_pickle(case["path"])
-        net = edm.load_edm_network(case["path"])
+        data = net_pickles.load_edm_pickle(case["path"])
+        net = net_pickles.load_edm_network(case["path"])
         io = torch.load(case["path"] + ".io")
         with torch.no_grad():
             D = net(io["x"], io["sigma"], io["y"], **io["extra"])
@@ -184,7 +187,7 @@ def compare(work):
     marker = os.path.join(work, "pwned")
     evil = os.path.join(work, "evil.pkl")
     try:
-        edm.load_edm_pickle(evil)
+        net_pickles.load_edm_pickle(evil)
         refusal = "loaded"
     except common.RealUIDError as e:
         refusal = str(e)

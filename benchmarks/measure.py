@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import coupling
 import distill
 import flow
-import training
+import players
 import unet
 
 
@@ -148,7 +148,7 @@ def distill_state(argv):
     """distill.py's own set-up for a command line: (args, state) as distill.main builds them,
     backends configured for the precision (no run folder is written)."""
     dargs = distill.parse_args([str(a) for a in argv])
-    return dargs, distill.setup(dargs, training.Process(dargs.device))  # resolves --precision
+    return dargs, distill.setup(dargs, players.Process(dargs.device))  # resolves --precision
 
 
 def update_fns(s, dargs):

@@ -1,5 +1,5 @@
 """benchmarks/ablation.py: its metrics against closed forms or independent computations, the 1-D
-analytic picture against Lemma 2 and distill.fake_model_loss, the batched 2-D runs against single
+analytic picture against Lemma 2 and losses.fake_model_loss, the batched 2-D runs against single
 runs, and the quick mode end to end at CI size (--smoke) through the script's own entry point,
 figures included (skipped without matplotlib, which the script then refuses in one line)."""
 import json
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import common
-import distill
+import losses
 from benchmarks import ablation
 from conftest import run
 
@@ -139,7 +139,7 @@ def test_lemma2_density_special_cases(float64):
 
 def test_lemma2_optimum_minimises_distill_fake_model_loss(float64):
     """Lemma 2's f* = (beta p_g v_G + (1 - beta) p_d v*) / (alpha p_g + (1 - alpha) p_d) minimises
-    distill.fake_model_loss: on fixed samples the loss of f* + c h is a quadratic in c, whose
+    losses.fake_model_loss: on fixed samples the loss of f* + c h is a quadratic in c, whose
     minimiser -B / 2A must be 0 up to Monte Carlo error (and is not for f = v* or f = v_G)."""
     g = torch.Generator().manual_seed(6)
     n, alpha, beta = 400000, 0.9, 0.95
@@ -159,7 +159,7 @@ def test_lemma2_optimum_minimises_distill_fake_model_loss(float64):
 
     def argmin(kind):
         h = lambda t, x: 1 + 0.5 * x  # noqa: E731
-        loss = [float(distill.fake_model_loss(lambda t, x, y: field(kind)(t, x) + c * h(t, x),
+        loss = [float(losses.fake_model_loss(lambda t, x, y: field(kind)(t, x) + c * h(t, x),
                                               x_g, x_d, x0, t, alpha=alpha, beta=beta))
                 for c in (-1.0, 0.0, 1.0)]
         return -(loss[2] - loss[0]) / 2 / (loss[2] + loss[0] - 2 * loss[1])

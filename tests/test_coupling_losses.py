@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import distill
+import losses
 
 
 @pytest.fixture(autouse=True)
@@ -218,7 +219,7 @@ def test_data_free_generator_gradient_is_conditional_flow_distance_gradient(path
         t = torch.rand(n, generator=g)
         fake = generated(M.detach(), N.detach(), c.detach(), kappa, sigma).field  # frozen v_G
         x_g = distill.generate(affine_generator(M, N, c), z, None, s)
-        loss = distill.generator_loss(data.field, fake, x_g, x0, t, None, s, alpha=1.0,
+        loss = losses.generator_loss(data.field, fake, x_g, x0, t, None, s, alpha=1.0,
                                       beta=1.0)
         return torch.cat(torch.autograd.grad(loss, (M, N, c)))
 
@@ -250,7 +251,7 @@ class AffinePerTime:
 
 
 def fit_fake_model(params, path, alpha, beta, seed, n=50_000):
-    """Minimise distill.fake_model_loss over the per-t affine family (exactly: it is quadratic),
+    """Minimise losses.fake_model_loss over the per-t affine family (exactly: it is quadratic),
     on generated samples of the generator `params` = (M, N, c) and real pairs (s, x1)."""
     kappa, sigma = PATHS[path]
     g = torch.Generator().manual_seed(seed)
@@ -263,7 +264,7 @@ def fit_fake_model(params, path, alpha, beta, seed, n=50_000):
 
     def closure():
         opt.zero_grad()
-        loss = distill.fake_model_loss(f, x_g, x1, x0, t, None, s, alpha=alpha, beta=beta)
+        loss = losses.fake_model_loss(f, x_g, x1, x0, t, None, s, alpha=alpha, beta=beta)
         loss.backward()
         return loss
     opt.step(closure)
@@ -271,14 +272,14 @@ def fit_fake_model(params, path, alpha, beta, seed, n=50_000):
 
 
 def generator_grad(params, f, path, alpha, beta, seed, n=50_000):
-    """The Monte-Carlo gradient of distill.generator_loss over (M, N, c), f frozen."""
+    """The Monte-Carlo gradient of losses.generator_loss over (M, N, c), f frozen."""
     kappa, sigma = PATHS[path]
     M, N, c = [p.clone().requires_grad_(True) for p in params]
     g = torch.Generator().manual_seed(seed)
     s, x0, z, _ = draw(kappa, sigma, n, g)
     t = T_GRID[torch.randint(len(T_GRID), (n,), generator=g)]
     x_g = distill.generate(affine_generator(M, N, c), z, None, s)
-    loss = distill.generator_loss(data_coupling(kappa, sigma).field, f, x_g, x0, t, None, s,
+    loss = losses.generator_loss(data_coupling(kappa, sigma).field, f, x_g, x0, t, None, s,
                                   alpha=alpha, beta=beta)
     return torch.cat(torch.autograd.grad(loss, (M, N, c)))
 
@@ -351,7 +352,7 @@ def test_conditional_lemma2_optimum_minimises_the_fake_model_loss(path, alpha, b
     batches = list(zip(*[v.chunk(chunks) for v in (x_g, x1, x0, tt, s)]))
 
     def loss(f):  # the loss of each chunk, [chunks]
-        return torch.stack([distill.fake_model_loss(f, xg, xd, x0_, t_, None, s_, alpha=alpha,
+        return torch.stack([losses.fake_model_loss(f, xg, xd, x0_, t_, None, s_, alpha=alpha,
                                                     beta=beta) for xg, xd, x0_, t_, s_ in batches])
     best = lemma2_optimum(gen, data, alpha, beta)
     base = loss(best)
@@ -430,7 +431,7 @@ def test_generator_gradient_with_real_data_is_the_realuid_value_gradient(path, a
         s, x0, z, _ = draw(kappa, sigma, n, g, dims=1)
         t = torch.rand(n, generator=g)
         x_g = distill.generate(affine_generator(M, N, c), z, None, s)
-        loss = distill.generator_loss(data.field, f, x_g, x0, t, None, s, alpha=alpha,
+        loss = losses.generator_loss(data.field, f, x_g, x0, t, None, s, alpha=alpha,
                                       beta=beta)
         return torch.cat(torch.autograd.grad(loss, (M, N, c)))
     mc, se = mc_mean_and_se(mc_grad, 16)
@@ -472,8 +473,8 @@ def test_general_realuid_with_gamma_equal_alpha_is_realuid_with_a_source(alpha, 
     x_g.requires_grad_(True)
     close = dict(rtol=1e-10, atol=1e-12)
 
-    plain = distill.generator_loss(teacher, f, x_g, x0, t, None, s, alpha=alpha, beta=beta)
-    general = distill.general_generator_loss(teacher, f, x_g, x0, t, None, s, alpha=alpha,
+    plain = losses.generator_loss(teacher, f, x_g, x0, t, None, s, alpha=alpha, beta=beta)
+    general = losses.general_generator_loss(teacher, f, x_g, x0, t, None, s, alpha=alpha,
                                              beta=beta, gamma=alpha)
     assert torch.allclose(plain, general, **close)
     g1, = torch.autograd.grad(plain, x_g)
@@ -481,26 +482,26 @@ def test_general_realuid_with_gamma_equal_alpha_is_realuid_with_a_source(alpha, 
     assert torch.allclose(g1, g2, **close)
 
     xg = x_g.detach()
-    plain_f = distill.fake_model_loss(f, xg, x_d, x0, t, None, s, alpha=alpha, beta=beta)
-    general_f = distill.general_fake_model_loss(teacher, f, xg, x_d, x0, t, None, s, alpha=alpha,
+    plain_f = losses.fake_model_loss(f, xg, x_d, x0, t, None, s, alpha=alpha, beta=beta)
+    general_f = losses.general_fake_model_loss(teacher, f, xg, x_d, x0, t, None, s, alpha=alpha,
                                                 beta=beta, gamma=alpha)
-    realum_teacher = distill.fake_model_loss(teacher, xg, x_d, x0, t, None, s, alpha=alpha,
+    realum_teacher = losses.fake_model_loss(teacher, xg, x_d, x0, t, None, s, alpha=alpha,
                                              beta=beta)
     assert torch.allclose(general_f, plain_f - realum_teacher, **close)
     for p, q in zip(torch.autograd.grad(plain_f, f_params),
                     torch.autograd.grad(general_f, f_params)):
         assert torch.allclose(p, q, **close)
 
-    other = distill.general_generator_loss(teacher, f, x_g, x0, t, None, s, alpha=alpha,
+    other = losses.general_generator_loss(teacher, f, x_g, x0, t, None, s, alpha=alpha,
                                            beta=beta, gamma=alpha * 0.9)
     assert not torch.allclose(other, general)
 
     s2 = s + 0.5
-    assert not torch.allclose(plain, distill.generator_loss(teacher, f, x_g, x0, t, None, s2,
+    assert not torch.allclose(plain, losses.generator_loss(teacher, f, x_g, x0, t, None, s2,
                                                             alpha=alpha, beta=beta))
-    assert not torch.allclose(plain_f, distill.fake_model_loss(f, xg, x_d, x0, t, None, s2,
+    assert not torch.allclose(plain_f, losses.fake_model_loss(f, xg, x_d, x0, t, None, s2,
                                                                alpha=alpha, beta=beta))
-    assert not torch.allclose(general_f, distill.general_fake_model_loss(
+    assert not torch.allclose(general_f, losses.general_fake_model_loss(
         teacher, f, xg, x_d, x0, t, None, s2, alpha=alpha, beta=beta, gamma=alpha))
 
 
@@ -515,7 +516,7 @@ def test_fused_pass_pairs_each_real_target_with_its_own_source():
     f_g, f_d = f(t, t_ * x_g + (1 - t_) * x0, None, s), f(t, t_ * x_d + (1 - t_) * x0, None, s)
     sep = (alpha * f_g**2 - 2 * beta * f_g * (x_g - x0) + (1 - alpha) * f_d**2
            - 2 * (1 - beta) * f_d * (x_d - x0)).sum(1).mean()
-    got = distill.fake_model_loss(f, x_g, x_d, x0, t, None, s, alpha=alpha, beta=beta)
+    got = losses.fake_model_loss(f, x_g, x_d, x0, t, None, s, alpha=alpha, beta=beta)
     assert torch.allclose(got, sep, rtol=1e-12)
 
 
@@ -557,7 +558,7 @@ def test_generator_fed_the_shared_x0_cannot_stop_at_the_true_law(path):
             s, x0, _, _ = draw(kappa, sigma, n, g)
             t = torch.rand(n, generator=g)
             x_g = distill.generate(affine_generator(M, N, c), x0, None, s)  # fed x0 itself
-            loss = distill.generator_loss(data.field, f, x_g, x0, t, None, s, alpha=alpha,
+            loss = losses.generator_loss(data.field, f, x_g, x0, t, None, s, alpha=alpha,
                                           beta=beta)
             return torch.cat(torch.autograd.grad(loss, (M, N, c)))
         mc, se = mc_mean_and_se(mc_grad, 16)

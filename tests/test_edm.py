@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import edm
+import net_pickles
 from common import RealUIDError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,7 +259,7 @@ def test_round_trip_in_edm_format(tmp_path, precond, arch, label_dim):
     net, kwargs = build(precond, arch, label_dim)
     path = tmp_path / "network-snapshot-000000.pkl"
     write_edm_pickle(path, net, kwargs)
-    data = edm.load_edm_pickle(path)
+    data = net_pickles.load_edm_pickle(path)
     loaded = data["ema"]
     assert type(loaded) is type(net) and not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -299,7 +300,7 @@ def test_load_in_a_fresh_process(tmp_path):
     x, sigma, y, _ = inputs(kwargs)
     torch.save(dict(x=x, sigma=sigma, y=y), tmp_path / "in.pt")
     code = ("import sys, torch, edm; d = torch.load(sys.argv[2]); "
-            "net = edm.load_edm_network(sys.argv[1]); "
+            "net = net_pickles.load_edm_network(sys.argv[1]); "
             "torch.save(net(d['x'], d['sigma'], d['y']), sys.argv[3])")
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "in.pt"),
                     str(tmp_path / "out.pt")], check=True, cwd=ROOT,
@@ -403,7 +404,7 @@ class Reduce:
 
 def one_line_error(path, **kwargs):
     with pytest.raises(RealUIDError) as caught:
-        edm.load_edm_network(path, **kwargs)
+        net_pickles.load_edm_network(path, **kwargs)
     message = str(caught.value)
     assert "\n" not in message and "Traceback" not in message
     return message
@@ -435,7 +436,7 @@ def test_module_src_is_never_executed(tmp_path):
     net, kwargs = build("EDMPrecond", "adm", 3)
     path = tmp_path / "src.pkl"
     write_edm_pickle(path, net, kwargs, module_src=src, extra={"evil": Opaque("Evil", a=1)})
-    data = edm.load_edm_pickle(path)
+    data = net_pickles.load_edm_pickle(path)
     assert not marker.exists()
     assert data["evil"] == {"class_name": "Evil", "init_args": (), "init_kwargs": {"a": 1}}
     assert isinstance(data["ema"], edm.EDMPrecond) and str(marker) not in repr(data)
@@ -446,14 +447,14 @@ def test_a_pickle_cannot_change_the_readers_classes(tmp_path):
     rebind = (b"\x80\x02ctorch_utils.persistence\n_reconstruct_persistent_obj\n"  # the class
               b"N}X\x08\x00\x00\x00__init__ccollections\nOrderedDict\ns\x86b"  # (None, {...})
               b"0}X\x03\x00\x00\x00emaK\x01s.")  # BUILD, then {'ema': 1}
-    init = edm._Persistent.__init__
+    init = net_pickles._Persistent.__init__
     with pytest.raises(RealUIDError, match="may not change"):
-        edm.load_edm_pickle(io.BytesIO(rebind))
-    assert edm._Persistent.__init__ is init
+        net_pickles.load_edm_pickle(io.BytesIO(rebind))
+    assert net_pickles._Persistent.__init__ is init
     net, kwargs = build("VEPrecond", "ddpmpp", 0)  # a file object works as well as a path
     write_edm_pickle(tmp_path / "ok.pkl", net, kwargs)
     with open(tmp_path / "ok.pkl", "rb") as f:
-        assert isinstance(edm.load_edm_pickle(f)["ema"], edm.VEPrecond) and not f.closed
+        assert isinstance(net_pickles.load_edm_pickle(f)["ema"], edm.VEPrecond) and not f.closed
 
 
 def test_tensor_bytes_are_read_as_weights_only(tmp_path):

@@ -1,4 +1,4 @@
-"""The RealUID objectives of distill.py against closed forms.
+"""The RealUID objectives of losses.py against closed forms.
 
 For Gaussian data N(mu, sigma^2) (per coordinate), noise x0 ~ N(0, 1) and the interpolation
 x_t = t x1 + (1 - t) x0 (t = 0 noise, t = 1 data), the marginal flow field is affine in x:
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import distill
+import flow
+import losses
 
 
 
@@ -101,8 +102,8 @@ def test_data_free_generator_gradient_is_flow_distance_gradient():
         z, x0, t = torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g), \
             torch.rand(n, generator=g)
         fake = gaussian_field(b.detach(), a.detach())  # frozen copy of the student's field
-        x_g = distill.generate(generator, z)
-        loss = distill.generator_loss(teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0)
+        x_g = flow.generate(generator, z)
+        loss = losses.generator_loss(teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0)
         return torch.cat(torch.autograd.grad(loss, (a, b)))
 
     mc, se = mc_mean_and_se(mc_grad, 16)
@@ -127,7 +128,7 @@ class AffinePerTime:
 
 
 def fit_fake_model(a, b, alpha, beta, seed, n=200_000):
-    """Minimise distill.fake_model_loss over the per-t affine family (exactly: it is quadratic)."""
+    """Minimise losses.fake_model_loss over the per-t affine family (exactly: it is quadratic)."""
     g = torch.Generator().manual_seed(seed)
     z, x0 = torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g)
     x_d = MU + SIGMA * torch.randn(n, 2, generator=g)
@@ -139,7 +140,7 @@ def fit_fake_model(a, b, alpha, beta, seed, n=200_000):
 
     def closure():
         opt.zero_grad()
-        loss = distill.fake_model_loss(f, x_g, x_d, x0, t, alpha=alpha, beta=beta)
+        loss = losses.fake_model_loss(f, x_g, x_d, x0, t, alpha=alpha, beta=beta)
         loss.backward()
         return loss
     opt.step(closure)
@@ -153,7 +154,7 @@ def generator_grad(a, b, f, alpha, beta, seed, n=200_000):
     t = T_GRID[torch.randint(len(T_GRID), (n,), generator=g)]
     frozen = AffinePerTime()
     frozen.c0, frozen.c1 = f.c0.detach(), f.c1.detach()
-    loss = distill.generator_loss(gaussian_field(MU, SIGMA), frozen, a * z + b, x0, t,
+    loss = losses.generator_loss(gaussian_field(MU, SIGMA), frozen, a * z + b, x0, t,
                                   alpha=alpha, beta=beta)
     return torch.cat(torch.autograd.grad(loss, (a, b)))
 
@@ -206,7 +207,7 @@ def test_lemma2_optimum_minimises_the_fake_model_loss(alpha, beta):
     tt = torch.full((n,), t)
 
     def loss(f):
-        return distill.fake_model_loss(f, x_g, x_d, x0, tt, alpha=alpha, beta=beta).item()
+        return losses.fake_model_loss(f, x_g, x_d, x0, tt, alpha=alpha, beta=beta).item()
     best = lemma2_optimum(t, gen, data, alpha, beta)
     base = loss(best)
     bumps = [lambda x: torch.ones_like(x), lambda x: x, lambda x: torch.exp(-(x - 0.5) ** 2),
@@ -247,8 +248,8 @@ def test_general_realuid_with_gamma_equal_alpha_is_realuid(alpha, beta):
     x_g, x_d, x0, t = random_batch(2)
     x_g.requires_grad_(True)
 
-    plain = distill.generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta)
-    general = distill.general_generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta,
+    plain = losses.generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta)
+    general = losses.general_generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta,
                                              gamma=alpha)
     assert torch.allclose(plain, general, rtol=1e-10, atol=1e-12)
     g1, = torch.autograd.grad(plain, x_g)
@@ -256,17 +257,17 @@ def test_general_realuid_with_gamma_equal_alpha_is_realuid(alpha, beta):
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
 
     xg = x_g.detach()
-    plain_f = distill.fake_model_loss(f, xg, x_d, x0, t, alpha=alpha, beta=beta)
-    general_f = distill.general_fake_model_loss(teacher, f, xg, x_d, x0, t, alpha=alpha,
+    plain_f = losses.fake_model_loss(f, xg, x_d, x0, t, alpha=alpha, beta=beta)
+    general_f = losses.general_fake_model_loss(teacher, f, xg, x_d, x0, t, alpha=alpha,
                                                 beta=beta, gamma=alpha)
-    realum_teacher = distill.fake_model_loss(teacher, xg, x_d, x0, t, alpha=alpha, beta=beta)
+    realum_teacher = losses.fake_model_loss(teacher, xg, x_d, x0, t, alpha=alpha, beta=beta)
     assert torch.allclose(general_f, plain_f - realum_teacher, rtol=1e-10, atol=1e-12)
     for p, q in zip(torch.autograd.grad(plain_f, f_params),
                     torch.autograd.grad(general_f, f_params)):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
 
     # gamma is really used (the authors' general_dist_loss ignores it): another gamma differs.
-    other = distill.general_generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta,
+    other = losses.general_generator_loss(teacher, f, x_g, x0, t, alpha=alpha, beta=beta,
                                            gamma=alpha * 0.9)
     assert not torch.allclose(other, general)
 
@@ -283,21 +284,21 @@ def test_losses_on_hand_computed_values():
     u_g, u_d = [0.5, 2.0], [-0.5, -1.0]
     # RealUM(f) per sample: alpha f^2 - 2 beta f u_g + (1 - alpha) f^2 - 2 (1 - beta) f u_d
     per = [alpha * 4 - 2 * beta * 2 * ug + 0.2 * 4 - 2 * 0.4 * 2 * ud for ug, ud in zip(u_g, u_d)]
-    got = distill.fake_model_loss(f, x_g, x_d, x0, t, alpha=alpha, beta=beta)
+    got = losses.fake_model_loss(f, x_g, x_d, x0, t, alpha=alpha, beta=beta)
     assert got.item() == pytest.approx(sum(per) / 2)
     # generator: alpha (v^2 - f^2) - 2 beta (v - f) u_g
     per = [alpha * (1 - 4) - 2 * beta * (-3) * ug for ug in u_g]
-    got = distill.generator_loss(v, f, x_g, x0, t, alpha=alpha, beta=beta)
+    got = losses.generator_loss(v, f, x_g, x0, t, alpha=alpha, beta=beta)
     assert got.item() == pytest.approx(sum(per) / 2)
     # data-free: the real batch is not needed at all
-    got = distill.fake_model_loss(f, x_g, None, x0, t, alpha=1.0, beta=1.0)
+    got = losses.fake_model_loss(f, x_g, None, x0, t, alpha=1.0, beta=1.0)
     assert got.item() == pytest.approx(sum(4 - 2 * 2 * ug for ug in u_g) / 2)
     # GAN: D = constant logits
     D = lambda t, x, y=None: torch.full((len(x), 1, 1, 1), 0.3)  # noqa: E731
     softplus = lambda s: math.log1p(math.exp(s))                  # noqa: E731
-    got = distill.gan_discriminator_loss(D, x_g, x_d, x0, t, None)
+    got = losses.gan_discriminator_loss(D, x_g, x_d, x0, t, None)
     assert got.item() == pytest.approx(softplus(0.3) + softplus(-0.3))
-    assert distill.gan_generator_loss(D, x_g, x0, t, None).item() == pytest.approx(
+    assert losses.gan_generator_loss(D, x_g, x0, t, None).item() == pytest.approx(
         softplus(-0.3))
 
 
@@ -307,8 +308,8 @@ def test_losses_are_shape_generic_and_use_shared_noise():
     img = lambda t, x, y=None: f(t, x.flatten(1), y).view_as(x)  # noqa: E731
     x_g, x_d, x0, t = random_batch(5, d=12)
     as_img = [x.view(-1, 3, 2, 2) for x in (x_g, x_d, x0)]
-    a = distill.fake_model_loss(f, x_g, x_d, x0, t, alpha=0.9, beta=0.95)
-    b = distill.fake_model_loss(img, *as_img, t, alpha=0.9, beta=0.95)
+    a = losses.fake_model_loss(f, x_g, x_d, x0, t, alpha=0.9, beta=0.95)
+    b = losses.fake_model_loss(img, *as_img, t, alpha=0.9, beta=0.95)
     assert torch.allclose(a, b, rtol=1e-12)
     # the fused forward pass equals two separate passes
     t_ = t[:, None]

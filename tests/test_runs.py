@@ -18,7 +18,7 @@ import torch
 
 import common
 import runs
-import training
+import players
 import distill
 import fid
 import sample
@@ -345,7 +345,7 @@ def test_continue_the_authors_distilled_checkpoint(tmp_path, tiny_data, capsys):
                                "--lr", 1e-3, "--warmup", 3, "--ema", 0.999, "--steps", 5,
                                "--out", tmp_path / "ours", *TINY_NET, *FAST])
     assert args.from_authors
-    s = distill.setup(args, training.Process("cpu"))
+    s = distill.setup(args, players.Process("cpu"))
     note = capsys.readouterr().out
     assert s.run.step == 13 // 6 == 2 and "their 13 updates = step 2 here" in note
     assert "not restored: RNG states and data position" in note

@@ -20,6 +20,7 @@ import torch
 import common
 import coupling
 import distill
+import losses
 import sample
 import toy_data
 import train_teacher
@@ -30,7 +31,7 @@ from test_runs import TINY_CFG, AuthorsRun
 
 try:
     import runs
-    import training
+    import players
 except ImportError:  # 1ecc78f kept the run machinery in common.py
     runs = None
 
@@ -304,7 +305,7 @@ def test_a_new_run_sets_aside_the_records_of_an_attempt_that_saved_nothing(teach
 # 7. The other player
 
 def test_frozen_alias_is_in_eval_mode_and_shares_the_weights():
-    frozen_alias = training.frozen_alias if runs is not None else common.frozen_alias
+    frozen_alias = players.frozen_alias if runs is not None else common.frozen_alias
     torch.manual_seed(0)
     net = unet.UNet(**dict(TINY_CFG, dropout=0.5)).train()
     with torch.no_grad():  # no zero output layer: every weight shows in the output
@@ -331,7 +332,7 @@ def test_mixed_precision_gan_head_runs_in_float32(teachers, tiny_data, tmp_path,
     """--precision mixed: the GAN generator loss's head (the fake model's encoder and
     discriminator branch) runs in float32 inside the generator update's bf16 autocast."""
     inside, seen = [], []
-    real = distill.gan_generator_loss
+    real = losses.gan_generator_loss
 
     def spy(*a, **k):
         inside.append(True)

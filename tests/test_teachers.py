@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import distill
+import losses
 import edm
 import sample
 import teachers
 import train_teacher
-import training
+import players
 from conftest import FAST, TINY_NET, load, run
 from flow import euler, generate, interpolate
 from test_edm import ARCHS, set_weights, write_edm_pickle
@@ -140,7 +141,7 @@ def test_sid_configuration_has_sids_generator_gradient():
         p.data.add_(0.05 * torch.randn_like(p))
     torch.manual_seed(3)
     z, x0 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    t = teachers.noise_levels("sid", torch.rand(4))
+    t = losses.noise_levels("sid", torch.rand(4))
     t_g = 1 / (1 + 2.5)
 
     def grad(loss_fn):
@@ -148,7 +149,7 @@ def test_sid_configuration_has_sids_generator_gradient():
         loss_fn(generate(gen, z, t_g=t_g)).backward()
         return torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None])
 
-    ours = grad(lambda x_g: distill.general_generator_loss(
+    ours = grad(lambda x_g: losses.general_generator_loss(
         teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0, gamma=2.4,
         weight=(1 - t) ** 2 / 2, normalize=True))
     theirs = grad(lambda x_g: sid_generator_loss(teacher, fake, x_g, x0, t, 1.2))
@@ -167,7 +168,7 @@ def test_distill_sid_command_line_has_sids_generator_gradient(tmp_path):
     args = distill.parse_args(["--teacher", pkl, "--gen-gamma", 2.4, "--batch-size", 4,
                                "--grad-clip", 1e9, "--device", "cpu", "--workers", 0,
                                "--out", tmp_path / "run"])
-    state = distill.setup(args, training.Process("cpu"))
+    state = distill.setup(args, players.Process("cpu"))
     torch.manual_seed(8)
     for p in state.fake.parameters():  # a fake model that is not the teacher any more
         p.data.add_(0.05 * torch.randn_like(p))
@@ -195,7 +196,7 @@ def test_data_free_realuid_is_twice_sid_at_one_half():
     for gamma in (1.0, 2.4):
         for i in range(3):  # one sample at a time: per-sample values
             sl = slice(i, i + 1)
-            ours = distill.general_generator_loss(teacher, fake, x_g[sl], x0[sl], t[sl],
+            ours = losses.general_generator_loss(teacher, fake, x_g[sl], x0[sl], t[sl],
                                                   alpha=1.0, beta=1.0, gamma=gamma)
             sigma = (1 - t[sl]) / t[sl]
             noisy = x_g[sl] + sigma.view(-1, 1, 1, 1) * x0[sl]
@@ -204,8 +205,8 @@ def test_data_free_realuid_is_twice_sid_at_one_half():
             assert ours.item() == pytest.approx(2 * l_sid.item() / (1 - t[i].item()) ** 2,
                                                 rel=1e-4, abs=1e-4)
     # gamma = alpha: General RealUID's generator loss is plain RealUID's
-    a = distill.general_generator_loss(teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0, gamma=1.0)
-    b = distill.generator_loss(teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0)
+    a = losses.general_generator_loss(teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0, gamma=1.0)
+    b = losses.generator_loss(teacher, fake, x_g, x0, t, alpha=1.0, beta=1.0)
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
@@ -215,8 +216,8 @@ def test_edm_weighted_flow_matching_is_edms_denoising_loss():
     v = teachers.DenoiserField(small_edm()[0])
     torch.manual_seed(5)
     x1, x0 = torch.randn(4, 3, 8, 8).clamp(-1, 1), torch.randn(4, 3, 8, 8)
-    t = teachers.noise_levels("edm", torch.randn(4))
-    ours = train_teacher.flow_matching_loss(v, x1, x0, t, weight=teachers.edm_weight(t))
+    t = losses.noise_levels("edm", torch.randn(4))
+    ours = losses.flow_matching_loss(v, x1, x0, t, weight=losses.edm_weight(t))
     sigma = (1 - t) / t
     lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
     D = v.denoise(x1 + sigma.view(-1, 1, 1, 1) * x0, sigma)
@@ -227,18 +228,18 @@ def test_edm_weighted_flow_matching_is_edms_denoising_loss():
 def test_noise_level_laws():
     g = torch.Generator().manual_seed(0)
     n = 200_000
-    t = teachers.noise_levels("edm", torch.randn(n, generator=g))
+    t = losses.noise_levels("edm", torch.randn(n, generator=g))
     log_sigma = ((1 - t) / t).log()
     assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.02)
     assert log_sigma.std().item() == pytest.approx(1.2, abs=0.02)
     r = torch.rand(n, generator=g)
-    sigma = (1 - teachers.noise_levels("sid", r)) / teachers.noise_levels("sid", r)
+    sigma = (1 - losses.noise_levels("sid", r)) / losses.noise_levels("sid", r)
     assert sigma.min().item() == pytest.approx(0.002, rel=1e-2)  # SiD's rnd_t = 0: sigma_min
     hi = (80 ** (1 / 7) + 0.2 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # rnd_t = 0.8
     assert sigma.max().item() == pytest.approx(hi, rel=1e-3) and 24 < hi < 25
-    u = teachers.noise_levels("uniform", r, (1 / 81, 1 / 1.002))
+    u = losses.noise_levels("uniform", r, (1 / 81, 1 / 1.002))
     assert u.min() >= 1 / 81 and u.max() <= 1 / 1.002
-    assert torch.equal(teachers.noise_levels("uniform", r), r)  # flow matching: t itself
+    assert torch.equal(losses.noise_levels("uniform", r), r)  # flow matching: t itself
 
 
 def test_samplers_move_gaussian_noise_to_the_gaussian_data():
