@@ -22,7 +22,7 @@ start is x0 = kappa s + sigma_s eps, eps ~ N(0, I):
                lets one source map to many plausible targets)
 
 The one-step generator maps its own start z = kappa s + sigma_s eps_g to x_g = z + G(0, z, y, s)
-(distill.generate). eps_g is drawn independently of the interpolations' eps, exactly as the
+(flow.generate). eps_g is drawn independently of the interpolations' eps, exactly as the
 generator's z and the interpolation's x0 are independent draws in the unconditional case: the
 generated coupling (x0, x_g) then has x0 independent of x_g given s, like pi itself, so the
 distillation's minimum is the generator whose outputs given s follow the data's x1 given s.

@@ -5,9 +5,12 @@ best checkpoint, EMA 0.999; about 4.5 days on one 65 GB accelerator):
 
     python distill.py --teacher teacher_uncond.pt --alpha 0.94 --beta 0.96 --out runs/uncond  # 2.28
     python distill.py --teacher teacher_cond.pt   --alpha 0.98 --beta 0.96 --out runs/cond    # 2.02
-    python distill.py --teacher teacher_uncond.pt --out runs/datafree   # alpha = beta = 1: 2.58
-    python distill.py --teacher teacher_uncond.pt --gan-gen-coef 0.3 --gan-disc-coef 1.0  # 2.29
+    python distill.py --teacher teacher_uncond.pt --recipe uid --out runs/datafree  # 2.58
+    python distill.py --teacher teacher_uncond.pt --recipe gan --out runs/gan       # 2.29
     python distill.py --teacher teacher_uncond.pt --alpha 0.94 --beta 0.96 --gamma 0.92   # General
+
+(arXiv v1's numbers.) Other objectives of Appendix A and of its peers run on the same loop as
+named recipes (recipes.py): --recipe sid, sid-real, dmd, dmd-real, normalized.
 
 then fine-tune with finetune.py and sample with sample.py. The teacher may be ours
 (train_teacher.py) or the authors' file; its EMA 0.999 weights are used (--teacher-ema).
@@ -28,20 +31,27 @@ import argparse
 import copy
 import math
 import os
-import warnings
+import sys
 
 import torch
 
+import authors
+import checkpoints
 import common
 import coupling
-import fid
-import runs
+import inception
+import image_data
+import networks
 import players
+import recipes
+import runs
 import teachers
 from flow import generate
-from losses import (edm_weight, fake_model_loss, gan_discriminator_loss, gan_generator_loss,
+from losses import (beta_delta_fake_loss, beta_delta_generator_loss, dmd_generator_loss,
+                    edm_weight, fake_model_loss, gan_discriminator_loss, gan_generator_loss,
                     gan_levels, general_fake_model_loss, general_generator_loss, generator_loss,
-                    noise_levels, sid_generator_weight)
+                    noise_levels, normalized_fake_loss, normalized_generator_loss,
+                    sid_generator_weight)
 
 
 SCRIPT = "distill.py"  # named in resume hints
@@ -50,6 +60,13 @@ SCRIPT = "distill.py"  # named in resume hints
 def build_parser():
     p = common.Parser(description=__doc__.split("\n\n")[0])
     r = p.add_argument_group("RealUID")
+    r.add_argument("--recipe", choices=list(recipes.RECIPES), default="realuid",
+                   help="a named set of the flags below (flags given explicitly override it; "
+                        "saved resolved in the run):\n" + recipes.describe())
+    r.add_argument("--objective", choices=["realuid", "normalized", "dmd"], default="realuid",
+                   help="the pair of losses: RealUID's eqs. 17-18 (General RealUID and SiD "
+                        "included), Normalized RealUID (Appendix A.4) or DMD's KL gradient "
+                        "(Appendix A.5; its fake model minimises eq. 17 at alpha = beta)")
     r.add_argument("--teacher", required=True,
                    help="teacher checkpoint: ours (train_teacher.py) or the authors' file "
                         "(restored by --resume)")
@@ -64,6 +81,14 @@ def build_parser():
     r.add_argument("--gamma", type=common.unit_interval, default=None,
                    help="General RealUID (Appendix A.2): quadratic-term weight in (0, 1]; "
                         "default: alpha (plain RealUID)")
+    r.add_argument("--param-delta", choices=["f", "beta"], default="f",
+                   help="the fake model's parameterisation: f itself, or delta = beta (v* - f) "
+                        "(the ICLR version's Appendix A.2; the authors' parametrization='beta')")
+    r.add_argument("--dmd-normalize", choices=["dmd2", "none"], default="dmd2",
+                   help="--objective dmd: divide each sample's KL gradient by mean |x_g - D*| "
+                        "(DMD2) or follow the exact gradient t^2/(1-t) (f - v*)")
+    r.add_argument("--norm-eps", type=common.positive_float, default=1e-6,
+                   help="--objective normalized: floor on |v* - f| in n = (v* - f)/|v* - f|")
     r.add_argument("--fake-steps", type=common.positive_int, default=5,
                    help="fake-model updates per generator update (the official 5 + 1 cycle)")
     r.add_argument("--gan-gen-coef", type=common.nonnegative_float, default=0.0,
@@ -111,6 +136,16 @@ def build_parser():
                      help="per-sample weight of the generator loss: none or SiD's (1 - t)^2 / 2 "
                           "divided by mean |x_g - D*| (default: none for flow matching, sid for "
                           "a diffusion teacher)")
+    sid.add_argument("--ema-halflife", type=common.positive_float, default=None,
+                     help="one EMA of the generator with this half-life in millions of images "
+                          "(SiD's and EDM's --ema; SiD 0.5) instead of the fixed --ema decays; "
+                          "kept under the key of its decay after the ramp-up")
+    sid.add_argument("--ema-rampup", type=common.positive_float, default=None,
+                     help="with --ema-halflife: the half-life is at most this fraction of the "
+                          "images seen so far (SiD 0.05; default: no ramp-up)")
+    sid.add_argument("--nonfinite", choices=["stop", "sid"], default="stop",
+                     help="a NaN/inf loss stops the run without saving (stop), or, as SiD does, "
+                          "NaN gradient entries become 0 and inf ones +-1e5 and the run goes on")
     common.add_data_args(p, image_size_default=None).title = (
         "data (--image-size defaults to the teacher's)")
     coupling.add_args(p, teacher=False)
@@ -128,8 +163,22 @@ def build_parser():
 INIT_HINT = "--init-from {path} --init-ema none --fake-init init-from"
 
 
-def parse_args(argv=None):
-    return runs.parse_run_args(build_parser(), argv, SCRIPT, INIT_HINT, "distilled")
+def parse_args(argv=None, parser=None, script=SCRIPT):
+    """The flags, with the recipe's values for those not on the command line (a resumed run
+    keeps its own resolved flags instead; the authors' files carry none, so theirs get it).
+    finetune.py passes its own parser (other defaults) and name."""
+    parser = parser or build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = runs.parse_run_args(parser, argv, script, INIT_HINT, "distilled")
+    if args.resume is None or args.from_authors:
+        given = common.given_flags(parser, argv)
+        vars(args).update(recipes.recipe_settings(args.recipe, given))
+        if args.ema_halflife is not None:  # one EMA, keyed by its decay after the ramp-up
+            if "ema" in given:
+                common.fail("--ema-halflife replaces --ema's fixed decays: pass one of them")
+            args.ema = [round(players.halflife_decay(math.inf, args.batch_size,
+                                                     args.ema_halflife, None), 6)]
+    return args
 
 
 def check_args(args):
@@ -143,6 +192,28 @@ def check_args(args):
     elif gamma == 1 and (args.alpha, args.beta) != (1, 1):
         common.warn("gamma = 1 with (alpha, beta) != (1, 1) leaves the real-data part of "
                     "General RealUID linear in f (unbounded; Appendix A.2): lower --gamma")
+
+
+def check_objective(args):
+    """The objective's flags, once the recipe and the teacher's kind have resolved them."""
+    if args.objective == "dmd" and args.alpha != args.beta:
+        common.fail(f"--objective dmd needs alpha = beta (got {args.alpha}, {args.beta}): DMD's "
+                    "KL loss is linear in p_g, so a separate beta only relabels alpha, and "
+                    "with alpha != beta the generator collapses (Appendix A.5)")
+    special = [f for f, on in (("--objective " + args.objective, args.objective != "realuid"),
+                               ("--param-delta beta", args.param_delta == "beta")) if on]
+    if len(special) > 1:
+        common.fail(f"{' and '.join(special)} are two different objectives: pass one")
+    if special:
+        others = [f for f, on in (("--gamma", args.gamma not in (None, args.alpha)),
+                                  ("--gen-gamma", args.gen_gamma is not None),
+                                  ("--gen-weight sid", args.gen_weight == "sid"),
+                                  ("--fake-weight edm", args.fake_weight == "edm"
+                                   and args.objective != "dmd")) if on]
+        if others:
+            common.fail(f"{special[0]} has no {', '.join(others)} (General RealUID's and SiD's "
+                        f"terms): drop {'it' if len(others) == 1 else 'them'} or pass "
+                        f"--gen-weight none / --fake-weight none")
 
 
 def setup(args, proc):
@@ -168,11 +239,11 @@ def setup(args, proc):
         argparse.Namespace(**{**vars(args), "image_size": args.image_size or 32}))
     state.teacher = teachers.load_teacher(
         args.teacher, "raw" if args.teacher_ema is None else args.teacher_ema, device, fallback)
-    state.teacher_fingerprint = common.fingerprint(state.teacher.state_dict())
-    state.diffusion = teachers.is_diffusion(state.teacher)
+    state.teacher_fingerprint = checkpoints.fingerprint(state.teacher.state_dict())
+    state.diffusion = networks.is_diffusion(state.teacher)
     # The students' network: the teacher's architecture, with the students' dropout.
-    state.cfg = cfg = teachers.student_config(state.teacher, args.dropout)
-    state.num_classes = teachers.num_classes(state.teacher)
+    state.cfg = cfg = networks.student_config(state.teacher, args.dropout)
+    state.num_classes = networks.num_classes(state.teacher)
     state.cond = state.num_classes is not None
     if args.cond and not state.cond:
         common.fail(f"--cond given but the teacher {args.teacher} is unconditional")
@@ -182,48 +253,51 @@ def setup(args, proc):
                     "generator with `python eval_pairs.py` instead")
     # Where the teacher is defined (a denoiser: sigma in [sigma_min, sigma_max]), and where the
     # generator starts: x = z + G(0, z) for flow matching, SiD's sigma_init for a denoiser.
-    state.t_range = teachers.t_range(state.teacher)
-    if args.sigma_init is None and state.diffusion:
-        args.sigma_init = 2.5
+    state.t_range = networks.t_range(state.teacher)
+    ickpt = None
+    if args.init_from:  # its generator keeps the start it was trained with (its t_g)
+        ickpt = checkpoints.load_checkpoint(args.init_from, "--init-from checkpoint")
+        checkpoints.require_kind(ickpt, "distilled", args.init_from)
+        init_t_g = float(ickpt.get("config", {}).get("t_g", 0.0))
+        if args.sigma_init is None and init_t_g > 0:
+            args.sigma_init = (1 - init_t_g) / init_t_g
+    # The flags the recipe and the command line left open, from the teacher's kind (recipes.py
+    # says why a diffusion teacher changes them); saved resolved with the run.
+    vars(args).update(recipes.teacher_settings(vars(args), state.diffusion))
+    check_objective(args)
     state.t_g = 0.0 if args.sigma_init is None else 1 / (1 + args.sigma_init)
-    # Defaults by the teacher's kind (saved resolved): a denoiser's field is (D - x) / (1 - t),
-    # whose errors grow like 1 / (1 - t) near the data, so for a diffusion teacher both players
-    # work with SiD's laws of t and weights in the denoiser's units (docs/diffusion.md: with
-    # plain uniform t the toy quick start diverged). Flow matching keeps the paper's settings.
-    kind = dict(fake_init=("teacher", "random"), fake_t=("edm", "uniform"),
-                gen_t=("sid", "uniform"), fake_weight=("edm", "none"),
-                gen_weight=("sid", "none"))
-    for flag, (diffusion, flow) in kind.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, diffusion if state.diffusion else flow)
+    if ickpt is not None:
+        if abs(state.t_g - init_t_g) > 1e-9:
+            common.fail(f"--init-from {args.init_from} was trained to start at t_g = "
+                        f"{init_t_g:.6g}, this run at {state.t_g:.6g} (--sigma-init "
+                        f"{args.sigma_init}); drop --sigma-init to keep the checkpoint's start")
+        state.t_g = init_t_g
     if args.fake_init == "init-from" and not args.init_from:
         common.fail("--fake-init init-from needs --init-from, the distilled checkpoint whose "
                     "fake model to start from")
     t_sd = state.teacher.state_dict()
     gen_sd, fake_sd = t_sd, None
-    if args.init_from:
-        ickpt = common.load_checkpoint(args.init_from, "--init-from checkpoint")
-        common.require_kind(ickpt, "distilled", args.init_from)
-        gen_sd = common.pick_weights(ickpt, args.init_ema, args.init_from)
+    if ickpt is not None:
+        gen_sd = checkpoints.pick_weights(ickpt, args.init_ema, args.init_from)
         if args.fake_init == "init-from":
-            fake_sd = common.clean_state_dict(ickpt["u"])
+            fake_sd = checkpoints.clean_state_dict(ickpt["u"])
     if args.fake_init == "teacher":
         fake_sd = t_sd
     players.seed_init(args.seed)
-    state.gen = teachers.build(cfg, gen_sd, what="generator weights").to(device)
-    state.fake = teachers.build(cfg, fake_sd, gan_head=state.gan,
+    state.gen = networks.build_network(cfg, gen_sd, what="generator weights").to(device)
+    state.fake = networks.build_network(cfg, fake_sd, gan_head=state.gan,
                                 what="fake-model weights").to(device)
-    state.emas = {common.ema_key(decay): copy.deepcopy(state.gen).requires_grad_(False).eval()
+    state.emas = {checkpoints.ema_key(decay): copy.deepcopy(state.gen).requires_grad_(False).eval()
                   for decay in args.ema}
     players.seed_dropout(args.seed, proc.rank)
-    state.shape = teachers.image_shape(state.teacher)
+    state.shape = networks.image_shape(state.teacher)
 
     # Real data: the targets when alpha, beta < 1 (or the GAN); a coupling always reads its
     # sources, and with alpha = beta = 1 never uses the targets (IBMD's data-free setting).
     data, state.reads_data = None, state.uses_real or state.coupling is not None
     if state.reads_data:
-        data = common.open_data(args.data, args.data_root, state.shape[-1])
-        common.check_data(data, teachers.data_config(state.teacher), state.cond,
+        data = image_data.open_data(args.data, args.data_root, state.shape[-1])
+        image_data.check_data(data, networks.data_config(state.teacher), state.cond,
                           what=f"the teacher {args.teacher}")
         coupling.for_student(state.coupling, args.task, data, args.teacher)
     elif args.data != "cifar10" and proc.main:
@@ -248,7 +322,22 @@ def setup(args, proc):
     state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))
     consumed = 0
     if args.resume and args.from_authors:
-        continue_authors(state, args)
+        step, updates = authors.continue_authors(
+            args.resume, state.gen, state.fake, state.emas, state.gen_player, state.fake_player,
+            lr=args.lr, fake_steps=args.fake_steps, gan=state.gan)
+        state.run.resumed_at(step, 0.0, math.inf, saved=False)
+        runs.check_resume_step(args, step)
+        if proc.main:
+            print(f"continuing the authors' checkpoint {args.resume}: weights, EMAs and both "
+                  f"Adam states restored (fake model: maximize=True turned into our "
+                  f"minimisation, moments kept); their {updates} updates = step {step} here "
+                  f"({args.fake_steps} fake-model + 1 generator updates per step); lr {args.lr} "
+                  f"for both players; not restored: RNG states and data position (fresh from "
+                  f"--seed {args.seed}), the fake model's warm-up position (their sched_u, "
+                  f"never saved; rebuilt from the step)")
+            if args.alpha == 1 and args.beta != 1:
+                print("note: their losses.py drops the real-data term when alpha = 1; "
+                      "eq. (17), which this code follows, keeps its linear part")
     elif args.resume:
         consumed = restore(state, args)
 
@@ -264,27 +353,27 @@ def restore(state, args):
     """State of one of our checkpoints (--resume): weights, optimizers, schedules, scalers,
     RNG, where the run stands; returns the number of data batches consumed."""
     path = args.resume
-    ckpt = common.load_checkpoint(path, "resume checkpoint")
-    common.require_kind(ckpt, "distilled", path)
+    ckpt = checkpoints.load_checkpoint(path, "resume checkpoint")
+    checkpoints.require_kind(ckpt, "distilled", path)
     saved = ckpt.get("config", {})
-    if not common.same_net(saved.get("net"), state.cfg) or saved.get("gan_head") != state.gan \
+    if not networks.same_net(saved.get("net"), state.cfg) or saved.get("gan_head") != state.gan \
             or saved.get("coupling") != state.coupling:
         common.fail(f"{path} was made with another teacher network or GAN setting; resume "
                     "with the original --teacher and GAN flags")
     runs.check_same_inputs(saved, state.teacher_fingerprint, state.data_desc, path)
-    common.load_state(state.gen, ckpt["gen"])
-    common.load_state(state.fake, ckpt["u"])
+    networks.load_state(state.gen, ckpt["gen"])
+    networks.load_state(state.fake, ckpt["u"])
     for k, m in state.emas.items():
         if k not in ckpt["ema_gens"]:
             common.fail(f"{path} tracks the EMAs {', '.join(ckpt['ema_gens'])}, not {k}")
-        common.load_state(m, ckpt["ema_gens"][k])
-    gen, fake = state.gen_player, state.fake_player
-    gen.opt.load_state_dict(ckpt["optim_gen"])
-    fake.opt.load_state_dict(ckpt["optim_u"])
-    gen.sched.load_state_dict(ckpt["sched"])
-    fake.sched.load_state_dict(ckpt["sched_u"])
-    gen.scaler.load_state_dict(ckpt.get("scaler_gen", {}))
-    fake.scaler.load_state_dict(ckpt.get("scaler_u", {}))
+        networks.load_state(m, ckpt["ema_gens"][k])
+    gen_player, fake_player = state.gen_player, state.fake_player
+    gen_player.opt.load_state_dict(ckpt["optim_gen"])
+    fake_player.opt.load_state_dict(ckpt["optim_u"])
+    gen_player.sched.load_state_dict(ckpt["sched"])
+    fake_player.sched.load_state_dict(ckpt["sched_u"])
+    gen_player.scaler.load_state_dict(ckpt.get("scaler_gen", {}))
+    fake_player.scaler.load_state_dict(ckpt.get("scaler_u", {}))
     players.set_rng_state(ckpt["rng"], state.noise, state.proc, path)
     state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
                          ckpt.get("best_fid", math.inf))
@@ -292,101 +381,6 @@ def restore(state, args):
     if state.proc.main:
         print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["data_batches"]
-
-
-def continue_authors(state, args):
-    """Continue a checkpoint of the authors' train_distil.py ({gen, u, ema_gens, optim_gen,
-    optim_u, sched, step}, no flags inside: they all come from the command line).
-
-    Their fake model maximises -RealUM(f) with Adam(maximize=True), which steps along
-    -grad(-RealUM) = grad RealUM: exactly the gradient our minimised fake_model_loss gives,
-    with the same reduction (sum over pixels, mean over the batch). So their Adam moments are
-    ours as they are, and only the `maximize` flag is turned off. Their step counter counts
-    every update (a generator update when step % 6 == 5) and is saved after update `step`;
-    ours counts generator updates. Both players run the learning rate of the command line
-    (--lr), at their warm-up positions. RNG states, the data position and their fake model's
-    scheduler (never saved: they restore it from the generator's) cannot be restored. The
-    run then saves our own layout: a later --resume of it continues it as ours.
-    """
-    path = args.resume
-    ckpt = common.load_checkpoint(path, "resume checkpoint")
-    common.require_kind(ckpt, "distilled", path)
-    missing = [k for k in ("gen", "u", "ema_gens", "optim_gen", "optim_u", "sched", "step")
-               if k not in ckpt]
-    if missing:
-        common.fail(f"{path} lacks {', '.join(missing)} of the authors' distillation layout; "
-                    "to start from its generator use --init-from instead of --resume")
-    head = common.HEAD
-    for net, key in ((state.gen, "gen"), (state.fake, "u")):
-        sd = common.clean_state_dict(ckpt[key])
-        keep = {k: v for k, v in sd.items()
-                if state.gan and net is state.fake or not k.startswith(head)}
-        common.load_state(net, keep)
-    for k, m in state.emas.items():
-        if k not in ckpt["ema_gens"]:
-            common.fail(f"{path} tracks the EMAs {', '.join(ckpt['ema_gens'])}, not {k}: pass "
-                        f"--ema {' '.join(ckpt['ema_gens'])}")
-        common.load_state(m, {n: v for n, v in common.clean_state_dict(
-            ckpt["ema_gens"][k]).items() if not n.startswith(head)})
-    gen, fake = state.gen_player, state.fake_player
-    load_authors_adam(gen.opt, ckpt["optim_gen"], len(gen.params), path)
-    load_authors_adam(fake.opt, ckpt["optim_u"], len(fake.params), path)
-    updates = int(ckpt["step"]) + 1  # they save after the update with index `step`
-    step = updates // (args.fake_steps + 1)
-    # Their generator's warm-up goes on where it was, at the lr of the command line: their
-    # `sched` also holds their base lr, which would otherwise replace --lr.
-    their_base = ckpt["sched"].get("base_lrs", [args.lr])[0]
-    factor = gen.opt.param_groups[0]["lr"] / their_base if their_base else 1.0
-    gen.sched.load_state_dict(ckpt["sched"])
-    gen.sched.base_lrs = [args.lr]
-    gen.sched._last_lr = [args.lr * factor]
-    for group in gen.opt.param_groups:
-        group["lr"], group["initial_lr"] = args.lr * factor, args.lr
-    for group in fake.opt.param_groups:
-        group["initial_lr"] = args.lr
-    set_warmup_position(fake.sched, step * args.fake_steps)
-    state.run.resumed_at(step, 0.0, math.inf, saved=False)
-    runs.check_resume_step(args, step)
-    if state.proc.main:
-        print(f"continuing the authors' checkpoint {path}: weights, EMAs and both Adam states "
-              f"restored (fake model: maximize=True turned into our minimisation, moments "
-              f"kept); their {updates} updates = step {step} here ({args.fake_steps} "
-              f"fake-model + 1 generator updates per step); lr {args.lr} for both players; "
-              f"not restored: RNG states and data position (fresh from --seed {args.seed}), "
-              f"the fake model's warm-up position (their sched_u, never saved; rebuilt from "
-              f"the step)")
-        if args.alpha == 1 and args.beta != 1:
-            print("note: their losses.py drops the real-data term when alpha = 1; eq. (17), "
-                  "which this code follows, keeps its linear part")
-
-
-def load_authors_adam(opt, state, n_params, path):
-    """An Adam state of the authors' code into our optimizer of `n_params` parameters: their
-    networks always carry the GAN head, registered last, so its entries (absent from our
-    networks without GAN) are dropped; `maximize` is turned off (see distill.continue_authors)
-    and our kernel choice (foreach / fused) is kept."""
-    if len(state.get("param_groups", [])) != 1:
-        common.fail(f"{path}: expected one Adam parameter group, found "
-             f"{len(state.get('param_groups', []))}")
-    group = state["param_groups"][0]
-    if len(group["params"]) < n_params:
-        common.fail(f"{path}: its optimizer has {len(group['params'])} parameters, the network "
-             f"{n_params}; pass the network flags of the authors' run")
-    ours = opt.state_dict()["param_groups"][0]
-    kept = {k: ours[k] for k in ("foreach", "fused", "capturable", "differentiable")
-            if k in ours}
-    index = group["params"][:n_params]
-    opt.load_state_dict({
-        "state": {i: state["state"][p] for i, p in enumerate(index) if p in state["state"]},
-        "param_groups": [dict(group, **kept, params=list(range(n_params)), maximize=False)]})
-
-
-def set_warmup_position(sched, updates):
-    """Put a warm-up scheduler (players.warmup) at `updates` updates done."""
-    sched.last_epoch = updates - 1
-    with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
-        warnings.simplefilter("ignore", UserWarning)
-        sched.step()
 
 
 def draw(state, args, law="uniform"):
@@ -403,7 +397,8 @@ def draw(state, args, law="uniform"):
     r = (players.randn if law == "edm" else players.rand)(rng, (B,), device)  # t's randomness
     noise = {"z": z, "x0": x0, "t": noise_levels(law, r, state.t_range)}
     if state.gan:
-        noise["t_gan"] = gan_levels(players.rand(rng, (B,), device))
+        # inside the teacher's range of t (a denoiser's ends at t_max < 1)
+        noise["t_gan"] = gan_levels(players.rand(rng, (B,), device)).clamp(*state.t_range)
     if state.reads_data:
         noise["flip"] = players.rand(rng, (B,), device) < 0.5
     elif state.cond:  # data-free and conditional: labels uniform over the classes
@@ -445,12 +440,19 @@ def fake_update(state, args, batch):
             with state.amp:
                 with torch.no_grad():
                     x_g = generate(state.gen_frozen, z, y, s, state.t_g)  # no graph
-                if state.general:
+                weight = edm_weight(t) if args.fake_weight == "edm" else None
+                if args.objective == "normalized":  # Appendix A.4
+                    loss = normalized_fake_loss(state.teacher, player.forward, x_g, x_d, x0, t,
+                                                y, s, alpha=state.alpha, beta=state.beta,
+                                                eps=args.norm_eps)
+                elif args.param_delta == "beta":  # delta = beta (v* - f), ICLR A.2
+                    loss = beta_delta_fake_loss(state.teacher, player.forward, x_g, x_d, x0, t,
+                                                y, s, alpha=state.alpha, beta=state.beta)
+                elif state.general:  # Appendix A.2
                     loss = general_fake_model_loss(state.teacher, player.forward, x_g, x_d, x0,
                                                    t, y, s, alpha=state.alpha, beta=state.beta,
-                                                   gamma=state.gamma)
-                else:
-                    weight = edm_weight(t) if args.fake_weight == "edm" else None
+                                                   gamma=state.gamma, weight=weight)
+                else:  # eq. (17); DMD's fake model too (alpha = beta)
                     loss = fake_model_loss(player.forward, x_g, x_d, x0, t, y, s,
                                            alpha=state.alpha, beta=state.beta, weight=weight)
                 mb_terms["loss_fake"] = loss
@@ -461,9 +463,12 @@ def fake_update(state, args, batch):
                     loss = loss + args.gan_disc_coef * gan
             player.backward(loss / n)
         players.add_terms(terms, mb_terms, n)
+    if args.nonfinite == "sid":
+        player.nan_to_num_grads()
     norm = player.clip(args.grad_clip)
     player.step()
-    state.run.check.add("fake-model loss", sum(terms.values()), state.run.step)
+    if args.nonfinite == "stop":
+        state.run.check.add("fake-model loss", sum(terms.values()), state.run.step)
     return terms, norm
 
 
@@ -474,17 +479,27 @@ def generator_update(state, args, batch):
     (their difference is the gradient: see common.full_precision)."""
     player, mb_terms, terms = state.gen_player, {}, {}
     teacher, fake = state.teacher, state.fake_frozen
-    head = state.fake_frozen.forward_head if state.gan else None
+    disc = state.fake_frozen.forward_head if state.gan else None  # the GAN discriminator
     if args.precision == "mixed":
-        teacher, fake, head = (common.full_precision(m) if m is not None else None
-                               for m in (teacher, fake, head))
+        teacher, fake, disc = (common.full_precision(m) if m is not None else None
+                               for m in (teacher, fake, disc))
     for mb, n, ddp_sync in player.micro_batches(batch, state.micro):
         z, x0, t, y, s = mb["z"], mb["x0"], mb["t"], mb["y"], mb["s"]
         with ddp_sync:
             with state.amp:
                 x_g = generate(player.forward, z, y, s, state.t_g)  # with its graph
                 sid = args.gen_weight == "sid"  # (1 - t)^2 / 2 / mean |x_g - D*|: SiD's
-                if state.gen_gamma != state.alpha or sid:  # General RealUID's generator side
+                if args.objective == "normalized":  # Appendix A.4
+                    loss = normalized_generator_loss(teacher, fake, x_g, x0, t, y, s,
+                                                     alpha=state.alpha, beta=state.beta,
+                                                     eps=args.norm_eps)
+                elif args.objective == "dmd":  # DMD / DMD2; with real data Appendix A.5
+                    loss = dmd_generator_loss(teacher, fake, x_g, x0, t, y, s, alpha=state.alpha,
+                                              normalize=args.dmd_normalize == "dmd2")
+                elif args.param_delta == "beta":
+                    loss = beta_delta_generator_loss(teacher, fake, x_g, x0, t, y, s,
+                                                     alpha=state.alpha, beta=state.beta)
+                elif state.gen_gamma != state.alpha or sid:  # General RealUID's generator side
                     loss = general_generator_loss(teacher, fake, x_g, x0, t, y, s,
                                                   alpha=state.alpha, beta=state.beta,
                                                   gamma=state.gen_gamma,
@@ -495,34 +510,41 @@ def generator_update(state, args, batch):
                                           alpha=state.alpha, beta=state.beta)
                 mb_terms["loss_gen"] = loss
                 if state.gan:
-                    gan = gan_generator_loss(head, x_g, x0, mb["t_gan"], y, s)
+                    gan = gan_generator_loss(disc, x_g, x0, mb["t_gan"], y, s)
                     mb_terms["loss_gan_gen"] = gan
                     loss = loss + args.gan_gen_coef * gan
             player.backward(loss / n)
         players.add_terms(terms, mb_terms, n)
+    if args.nonfinite == "sid":
+        player.nan_to_num_grads()
     norm = player.clip(args.grad_clip)
     player.step()
-    state.run.check.add("generator loss", sum(terms.values()), state.run.step)
-    for decay in args.ema:
-        players.ema_update(state.emas[common.ema_key(decay)], state.gen, decay)
+    if args.nonfinite == "stop":
+        state.run.check.add("generator loss", sum(terms.values()), state.run.step)
+    for key in args.ema:
+        decay = key if args.ema_halflife is None else players.halflife_decay(
+            (state.run.step - 1) * args.batch_size, args.batch_size, args.ema_halflife,
+            args.ema_rampup)  # SiD's EMA: its decay grows with the images seen
+        players.ema_update(state.emas[checkpoints.ema_key(key)], state.gen, decay)
     return terms, norm
 
 
 def save(state, args, name="latest.pt"):
     """<out>/latest.pt (or best.pt), written atomically, in the authors' layout plus our config
     and resume state."""
-    run, gen, fake = state.run, state.gen_player, state.fake_player
+    run, gen_player, fake_player = state.run, state.gen_player, state.fake_player
     ckpt = {"gen": state.gen.state_dict(), "u": state.fake.state_dict(),
             "ema_gens": {k: m.state_dict() for k, m in state.emas.items()},
-            "optim_gen": gen.opt.state_dict(), "optim_u": fake.opt.state_dict(),
-            "sched": gen.sched.state_dict(), "sched_u": fake.sched.state_dict(),
+            "optim_gen": gen_player.opt.state_dict(), "optim_u": fake_player.opt.state_dict(),
+            "sched": gen_player.sched.state_dict(), "sched_u": fake_player.sched.state_dict(),
             "step": run.step,
             "config": {"kind": "distilled", "net": state.cfg, "gan_head": state.gan,
                        "coupling": state.coupling, "t_g": state.t_g,
                        "step_unit": f"{args.fake_steps} fake-model updates + 1 generator update",
                        "teacher_fingerprint": state.teacher_fingerprint,
                        "data": state.data_desc, "args": common.json_safe(vars(args))},
-            "scaler_gen": gen.scaler.state_dict(), "scaler_u": fake.scaler.state_dict(),
+            "scaler_gen": gen_player.scaler.state_dict(),
+            "scaler_u": fake_player.scaler.state_dict(),
             "rng": players.rng_state(state.noise, state.proc),
             "data_batches": state.batches.consumed if state.batches else 0,
             "best_fid": run.best_fid, "elapsed_s": run.log.elapsed()}
@@ -539,7 +561,7 @@ def save_grids(state, args, z, y):
         src, x1, labels = state.grid_pairs
         c, n = state.coupling, len(src)
         z, y = coupling.start(src, z[:n], c["kappa"], c["sigma"]), labels if state.cond else None
-    ema = state.emas[common.ema_key(args.ema[0])]
+    ema = state.emas[checkpoints.ema_key(args.ema[0])]
     for name, net in (("gen", state.gen_frozen), (f"ema{args.ema[0]}", ema)):
         path = os.path.join(args.out, "samples", f"{state.run.step:07d}_{name}.png")
         if state.coupling:
@@ -553,7 +575,7 @@ def main(args):
     check_args(args)
     proc = players.Process(args.device)
     state = setup(args, proc)
-    fid_eval = fid.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
+    fid_eval = inception.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
                                  state.shape, state.num_classes, args.fid_n,
                                  args.fid_batch) if args.fid_every and proc.main else None
     runs.start_run(args.out, vars(args), proc, fresh=not args.resume)
@@ -571,7 +593,7 @@ def main(args):
     run = state.run
     if proc.main and args.sample_every and run.step == 0:
         save_grids(state, args, grid_z, grid_y)  # the starting point z + v*(0, z), to compare
-    ema = state.emas[common.ema_key(args.ema[0])]
+    ema = state.emas[checkpoints.ema_key(args.ema[0])]
     in_training_fid = (fid_eval, lambda z, y: generate(ema, z, y, t_g=state.t_g),
                        f"EMA {args.ema[0]}, one step")
     keys = ["loss_fake", "loss_gen"] + (["loss_gan_disc", "loss_gan_gen"] if state.gan else [])

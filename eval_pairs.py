@@ -15,9 +15,9 @@ import json
 
 import common
 import coupling
-import fid
-import sample
-import teachers
+import inception
+import networks
+import sampling
 import unet
 
 
@@ -42,7 +42,7 @@ def build_parser():
                    help="Euler steps of the teacher")
     p.add_argument("--seed", type=common.count, default=0, help="noise of output i: (seed, i)")
     p.add_argument("--out", default=None, help="also write the table as JSON to this file")
-    fid.add_feature_args(p)
+    inception.add_feature_args(p)
     return p
 
 
@@ -61,7 +61,7 @@ def score_pairs(args, device):
     held-out targets (rewards realistic, diverse outputs) and, when the Inception weights are
     here (--weights or the torch hub cache; never downloaded), the FID of the outputs against
     the held-out targets. Every model translates the same sources with the same noise."""
-    model = sample.load_model(args.ckpt, "first" if args.ema is None else args.ema,
+    model = sampling.load_model(args.ckpt, "first" if args.ema is None else args.ema,
                               unet.PAPER_CONFIG)
     if not model.coupling:
         common.fail(f"{args.ckpt} is a noise-to-image model; eval_pairs.py scores image-to-image "
@@ -73,11 +73,11 @@ def score_pairs(args, device):
         common.fail(f"{args.ckpt} does not record its teacher; pass --teacher")
     teacher_ema = (args.teacher_ema if args.teacher_ema is not None
                    else run_args.get("teacher_ema", "first"))
-    teacher = sample.load_model(teacher_path, teacher_ema, unet.PAPER_CONFIG)
-    shape = teachers.image_shape(model.net)
-    src, targets, labels = sample.held_out_pairs(args.data, model.coupling, shape, args.n,
+    teacher = sampling.load_model(teacher_path, teacher_ema, unet.PAPER_CONFIG)
+    shape = networks.image_shape(model.net)
+    src, targets, labels = sampling.held_out_pairs(args.data, model.coupling, shape, args.n,
                                                  args.seed, args.data_root)
-    if teachers.num_classes(model.net) is None:
+    if networks.num_classes(model.net) is None:
         labels = None
     elif labels is None:
         common.fail(f"{args.ckpt} is class conditional: --data needs labels")
@@ -85,7 +85,7 @@ def score_pairs(args, device):
     rows = {"source itself": common.to_uint8(src)}
     for m in (teacher, model):
         m.net.to(device).eval()
-    translate = lambda m, nfe: sample.translate(m, src, labels, 1, args.seed,  # noqa: E731
+    translate = lambda m, nfe: sampling.translate(m, src, labels, 1, args.seed,  # noqa: E731
                                                 args.batch_size, device, amp, nfe)
     rows["one-step start x0 + v*(0, x0, s)"] = translate(teacher, 1)
     rows[f"teacher, {args.nfe} Euler steps"] = translate(teacher, args.nfe)
@@ -93,22 +93,22 @@ def score_pairs(args, device):
         rows[f"one-step generator, EMA {model.ema}" if model.ema
              else "one-step generator"] = translate(model, 1)
         if model.ema is not None:
-            raw = sample.load_model(args.ckpt, None, unet.PAPER_CONFIG)
+            raw = sampling.load_model(args.ckpt, None, unet.PAPER_CONFIG)
             raw.net.to(device).eval()
             rows["one-step generator, raw weights"] = translate(raw, 1)
-    weights = fid.local_weights(args.weights)
-    extractor = fid.InceptionFeatures(weights, args.mode, device) if weights else None
+    weights = inception.local_weights(args.weights)
+    extractor = inception.InceptionFeatures(weights, args.mode, device) if weights else None
     if extractor is not None:
-        ref_mu, ref_sigma, _ = fid.feature_stats(
-            fid.iter_batches(targets.permute(0, 2, 3, 1).numpy(), args.batch_size), extractor)
+        ref_mu, ref_sigma, _ = inception.feature_stats(
+            inception.iter_batches(targets.permute(0, 2, 3, 1).numpy(), args.batch_size), extractor)
     table = {}
     for name, out in rows.items():
         table[name] = {"psnr_db": coupling.psnr(out, targets),
-                       "pixel_fd": float(fid.pixel_frechet_distance(out, targets))}
+                       "pixel_fd": float(inception.pixel_frechet_distance(out, targets))}
         if extractor is not None:
-            mu, sigma, _ = fid.feature_stats(
-                fid.iter_batches(out.permute(0, 2, 3, 1).numpy(), args.batch_size), extractor)
-            table[name]["fid"] = float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
+            mu, sigma, _ = inception.feature_stats(
+                inception.iter_batches(out.permute(0, 2, 3, 1).numpy(), args.batch_size), extractor)
+            table[name]["fid"] = float(inception.frechet_distance(mu, sigma, ref_mu, ref_sigma))
     task = model.coupling["task"] or "pairs file"
     print(f"{args.ckpt}: {task} on the {model.coupling['path']} path, {len(src)} held-out pairs "
           f"of {args.data}"

@@ -13,7 +13,6 @@ The authors fine-tuned their best distilled checkpoint (EMA 0.999 uncond, 0.9999
 """
 import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import common
-import runs
 import distill
 
 
@@ -26,8 +25,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = runs.parse_run_args(build_parser(), argv, "finetune.py", distill.INIT_HINT,
-                                "distilled")
+    args = distill.parse_args(argv, build_parser(), "finetune.py")
     if not args.init_from and not args.resume:
         common.fail("--init-from is required: the distilled checkpoint whose generator to "
                     "fine-tune")

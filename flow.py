@@ -44,7 +44,7 @@ def euler(v, x0, y=None, s=None, *, nfe=100, t0=0.0, t1=1.0):
     """Integrate dx/dt = v(t, x, y[, s]) from t = 0 (x = x0: noise, or a coupling's start) to
     t = 1 (data) with nfe Euler steps. nfe = 1 gives x0 + v(0, x0), the generator's start.
 
-    A field defined only on [t0, t1] (a denoiser's, teachers.DenoiserField) starts from the
+    A field defined only on [t0, t1] (a denoiser's, networks.DenoiserField) starts from the
     path's point x_t0 = (1 - t0) x0 and, after the nfe steps to t1, jumps to t = 1 with the
     field at t1 (x + (1 - t1) v = the denoiser's output there): nfe + 1 evaluations."""
     x, h = (x0 if t0 == 0 else (1 - t0) * x0), (t1 - t0) / nfe

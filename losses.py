@@ -12,6 +12,9 @@ camera-ready renumbers them (its eqs. 16-17 are v1's 17-18, its A.4 eqs. 35-36 a
     SiD           noise_levels, edm_weight, sid_generator_weight,
                   general_generator_loss(normalize=True)     Appendix A.3; Zhou et al. 2024
     GAN baseline  gan_discriminator_loss, gan_generator_loss eqs. (7)-(9), Appendix D
+    Normalized    normalized_fake_loss, normalized_generator_loss    Appendix A.4, eqs. (24)-(25)
+    delta = beta (v* - f)   beta_delta_fake_loss, beta_delta_generator_loss  ICLR A.2
+    DMD           dmd_generator_loss (fake model: fake_model_loss, alpha = beta)  Appendix A.5
 
 Image-to-image (Appendix C) needs no separate functions: each loss takes the source s and passes
 it to every network, and x0 is the coupling's start kappa s + sigma_s eps (coupling.py).
@@ -46,7 +49,7 @@ def flow_matching_loss(v, x1, x0, t, y=None, s=None, weight=None):
 
     With a per-sample weight [B] and t from EDM's law this is EDM's denoising loss
     lambda(sigma) |D(x1 + sigma x0; sigma) - x1|^2 of a denoiser D = x_t + (1 - t) v
-    (teachers.DenoiserField), since D - x1 = (1 - t)(v - (x1 - x0)): weight =
+    (networks.DenoiserField), since D - x1 = (1 - t)(v - (x1 - x0)): weight =
     lambda(sigma) (1 - t)^2 = edm_weight(t) (--param edm).
     """
     xt = interpolate(x1, x0, t)
@@ -114,7 +117,7 @@ def generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta):
 
 
 def general_fake_model_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta,
-                            gamma):
+                            gamma, weight=None):
     """General RealUID (Appendix A.2, delta form, delta = f - v*), minimised by f: minus
 
         E_gen[ -gamma |delta|^2 + 2 beta <delta, u_g> - 2 alpha <delta, v*> ]
@@ -122,7 +125,8 @@ def general_fake_model_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, a
 
     gamma = alpha gives RealUID: this is then RealUM(f) - RealUM(v*), fake_model_loss up to a
     constant. Needs the teacher on both batches (no gradient). x_d may be None if
-    alpha = beta = gamma = 1.
+    alpha = beta = gamma = 1. `weight` [B] weighs each sample (its generated and real terms),
+    as in fake_model_loss; None leaves every sample's weight 1.
     """
     u_g = x_g - x0
     real = not (alpha == 1 and beta == 1 and gamma == 1)
@@ -135,12 +139,12 @@ def general_fake_model_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, a
     delta = field(fake, tt, xt, yy, ss).to(x0.dtype) - v
     if not real:
         gain = -gamma * delta * delta + 2 * beta * delta * u_g - 2 * alpha * delta * v
-        return -gain.flatten(1).sum(1).mean()
+        return -_batch_mean(gain, weight)
     (d_g, d_d), (v_g, v_d) = delta.chunk(2), v.chunk(2)
     gain = (-gamma * d_g * d_g + 2 * beta * d_g * u_g - 2 * alpha * d_g * v_g
             - (1 - gamma) * d_d * d_d + 2 * (1 - beta) * d_d * (x_d - x0)
             - 2 * (1 - alpha) * d_d * v_d)
-    return -gain.flatten(1).sum(1).mean()
+    return -_batch_mean(gain, weight)
 
 
 def general_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta, gamma,
@@ -174,14 +178,14 @@ def general_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, 
 # ---------------------------------------------------------------------------------------------
 # Diffusion teachers and SiD (Appendix A.3; Zhou et al., "Score identity Distillation", ICML 2024).
 # A denoiser D(x; sigma) is a field through sigma = (1 - t) / t and D = x_t + (1 - t) v
-# (teachers.DenoiserField).
+# (networks.DenoiserField).
 
 SIGMA_DATA = 0.5  # EDM's sigma_data, in its denoising weight
 
 
 def noise_levels(law, r, t_range=(0.0, 1.0)):
     """t [B] from random numbers r [B] (normal for "edm", uniform on [0, 1) otherwise), with
-    sigma = (1 - t) / t the noise level of a denoiser (teachers.DenoiserField):
+    sigma = (1 - t) / t the noise level of a denoiser (networks.DenoiserField):
     - uniform: t uniform on the teacher's range (flow matching: [0, 1]);
     - edm: EDM's training law, ln sigma ~ N(-1.2, 1.2^2) (SiD's fake model);
     - sid: SiD's generator law, sigma on EDM's rho = 7 grid between 0.002 and 80 at a position
@@ -234,3 +238,173 @@ def gan_discriminator_loss(D, x_g, x_d, x0, t_gan, y=None, s=None):
 def gan_generator_loss(D, x_g, x0, t_gan, y=None, s=None):
     """Optional GAN baseline, generator side (non-saturating), minimised: mean softplus(-D)."""
     return F.softplus(-field(D, t_gan, interpolate(x_g, x0, t_gan), y, s).to(x0.dtype)).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalized UID / RealUID (Appendix A.4), the delta = beta (v* - f) parameterisation (ICLR 2026
+# version, Appendix A.2) and DMD with real data (Appendix A.5; Yin et al., "One-step Diffusion
+# with Distribution Matching Distillation", CVPR 2024).
+
+def _direction(v, fv, eps):
+    """n = (v* - f) / max(|v* - f|, eps), the norm over all of a sample's entries."""
+    d = v - fv
+    norm = d.flatten(1).norm(dim=1).clamp_min(eps)
+    return d / norm.view(-1, *[1] * (d.dim() - 1))
+
+
+def normalized_fake_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta, eps):
+    """Normalized UID / RealUID (Appendix A.4: arXiv v1 eqs. (24)-(25), ICLR 2026 camera-ready
+    eqs. (35)-(36) and Definition 4), fake-model side, minimised by f: minus
+
+        E_gen< n(x_t^g), alpha v*(x_t^g) - beta u_g > + E_real< n(x_t^d), (1 - alpha) v*(x_t^d)
+        - (1 - beta) u_d >,    n = (v* - f) / max(|v* - f|, eps),
+
+    u_g = x_g - x0, u_d = x_d - x0, |.| the norm over all of a sample's entries (C, H, W),
+    <.,.> summed over them, the mean over the batch. It rests on |a| = max_{|n| = 1} <n, a>
+    pointwise: the fake model learns only the direction of v* - f, and since
+    E[u_g | x_t^g] = v_g (the generator's own field) and E[u_d | x_t^d] = v*, its maximum over f
+    is E_t ∫ | p_t^g (alpha v* - beta v_g) + p_t^d (beta - alpha) v* | dx, reached where n is
+    the direction of that integrand and zero exactly when p_g = p_d (alpha = beta = 1, data-free:
+    E_t E_gen |v* - v_g|, a distance that is not squared). eps floors |v* - f| (the direction of
+    a vanishing difference is undefined). The teacher runs without gradient; both batches go
+    through v* and f in one pass each; x_d may be None when alpha = beta = 1. The paper gives no
+    proof, algorithm or experiment for this variant.
+    """
+    u_g = x_g - x0
+    real = not (alpha == 1 and beta == 1)
+    xt, tt, yy, ss = interpolate(x_g, x0, t), t, y, s
+    if real:
+        xt = torch.cat([xt, interpolate(x_d, x0, t)])
+        tt, yy, ss = t.repeat(2), _twice(y), _twice(s)
+    with torch.no_grad():
+        v = field(teacher, tt, xt, yy, ss).to(x0.dtype)
+    n = _direction(v, field(fake, tt, xt, yy, ss).to(x0.dtype), eps)
+    if not real:
+        return -_batch_mean(n * (alpha * v - beta * u_g))
+    (n_g, n_d), (vstar_g, vstar_d) = n.chunk(2), v.chunk(2)
+    gain = (n_g * (alpha * vstar_g - beta * u_g)
+            + n_d * ((1 - alpha) * vstar_d - (1 - beta) * (x_d - x0)))
+    return -_batch_mean(gain)
+
+
+def normalized_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta, eps):
+    """Normalized UID / RealUID (Appendix A.4: arXiv v1 eqs. (24)-(25), ICLR 2026 eqs. (35)-(36),
+    Definition 4), generator side, minimised by G: the generated part of the objective
+
+        E_gen< n(x_t^g), alpha v*(x_t^g) - beta u_g >,    n = (v* - f) / max(|v* - f|, eps)
+
+    (sum over C, H, W, mean over the batch; the real part does not depend on G). Gradients reach
+    G through u_g and through x_t into v*, into the fake model's input and so into n: n must not
+    be detached. By the envelope theorem the gradient of the maximum over f is that of this loss
+    at the optimal f with f frozen; the path through n contributes
+    t E_gen[(dn/dx)^T (alpha v* - beta u_g)], which vanishes in expectation at the optimum of
+    the data-free loss (there alpha v* - beta v_g is parallel to n, and dn/dx is orthogonal to
+    n) but not with real data, where the optimal n is the direction of
+    p_g (alpha v* - beta v_g) + p_d (beta - alpha) v*. The teacher's and the fake model's
+    parameters should not require grad.
+    """
+    xt, u_g = interpolate(x_g, x0, t), x_g - x0
+    v = field(teacher, t, xt, y, s).to(x0.dtype)
+    n = _direction(v, field(fake, t, xt, y, s).to(x0.dtype), eps)
+    return _batch_mean(n * (alpha * v - beta * u_g))
+
+
+def dmd_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha=1.0, normalize=True):
+    """DMD's generator step (Yin et al., CVPR 2024; DMD2, Yin et al., NeurIPS 2024) in this
+    repository's convention, with real data as in Appendix A.5 (arXiv v1 Lemma 4, ICLR 2026
+    Lemma 5), minimised by G.
+
+    A field v gives the denoiser x_hat1 = x + (1 - t) v and the score (t v - x) / (1 - t), so the
+    scores of the fake model f and of the teacher v* differ by t (f - v*) / (1 - t), and with
+    x_t = t x_g + (1 - t) x0 the exact gradient of E_t KL(p_t^g || p_t^d) with respect to the
+    generator's sample is, per sample,
+
+        grad(x_g) = t^2 / (1 - t) (f - v*)(t, x_t),    f the generator's own field v_g.
+
+    normalize=False: a surrogate whose gradient with respect to each x_g[i] is
+    alpha grad(x_g[i]) / B, alpha mean_B sum_{C,H,W} x_g sg(grad) (only its gradient has a
+    meaning; t must lie in [0, 1)).
+    normalize=True: DMD2's step (tianweiy/DMD2, compute_distribution_matching_loss in
+    main/edm/edm_guidance.py and main/sd_guidance.py): g = (x_hat_fake - x_hat_real) /
+    mean_{C,H,W} |x_g - x_hat_real| per sample, with x_hat_fake - x_hat_real = (1 - t)(f - v*)
+    and x_hat_real = D* = x_t + (1 - t) v*, and the loss alpha 0.5 |x_g - sg(x_g - g)|^2, whose
+    gradient is alpha g / B. DMD2 takes the mean over all elements (F.mse_loss); here, as in
+    every loss of this file, the sum over C, H, W and the mean over the batch, i.e. DMD2's loss
+    times C H W. DMD2 applies nan_to_num to g; here the denominator is floored at 1e-5, as
+    general_generator_loss(normalize=True) floors SiD's.
+
+    With real data (Appendix A.5) the fake model is trained on eq. (17) (fake_model_loss) with
+    alpha = beta: it then learns v_mix, the field of alpha p_g + (1 - alpha) p_d, and
+    grad_G E_t KL(alpha p_t^g + (1 - alpha) p_t^d || p_t^d) =
+    E[alpha t^2 / (1 - t) (v_mix - v*) dx_g/dG], the normalize=False gradient with that alpha.
+    alpha != beta does not work: the KL objective is linear in p_g, so a separate beta only
+    relabels alpha (ICLR 2026), and arXiv v1 reports that the generator collapses.
+    The teacher and the fake model run without gradient.
+    """
+    xt = interpolate(x_g, x0, t)
+    t_ = t.view(-1, *[1] * (x0.dim() - 1))
+    with torch.no_grad():
+        v = field(teacher, t, xt, y, s).to(x0.dtype)
+        diff = field(fake, t, xt, y, s).to(x0.dtype) - v  # f - v*
+        if normalize:
+            x_hat_real = xt + (1 - t_) * v
+            scale = (x_g - x_hat_real).abs().flatten(1).mean(1).clamp_min(1e-5)
+            g = (1 - t_) * diff / scale.view_as(t_)
+        else:
+            g = t_ ** 2 / (1 - t_) * diff
+    if normalize:
+        return alpha * _batch_mean(0.5 * (x_g - (x_g - g).detach()) ** 2)
+    return alpha * _batch_mean(x_g * g)
+
+
+def beta_delta_fake_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta):
+    """RealUID with delta = beta (v* - f) (ICLR 2026 version, Appendix A.2; the authors' code's
+    parametrization='beta'), fake-model side, minimised by f: minus
+
+        E_gen[ -alpha beta^2 |v* - f|^2 + 2 alpha beta <v* - f, v*> - 2 beta^2 <v* - f, u_g> ]
+      + E_real[ -(1 - alpha) beta^2 |v* - f|^2 + 2 (1 - alpha) beta <v* - f, v*>
+                - 2 (1 - beta) beta <v* - f, u_d> ],
+
+    sum over C, H, W, mean over the batch. It is the delta form of Appendix A.2 (gamma = alpha)
+    with delta = beta (v* - f): general_fake_model_loss of the fake field (1 - beta) v* + beta f.
+    Its pointwise optimum is f = v* - delta_opt / beta with
+    delta_opt = ((beta - alpha + alpha r) v* - beta r v_g) / ((1 - alpha) + alpha r),
+    r = p_g / p_d: the generator's own field v_g where r = 1 (Lemma 2's optimum is
+    v* - delta_opt). The teacher runs without gradient; x_d may be None when alpha = beta = 1.
+    """
+    u_g = x_g - x0
+    real = not (alpha == 1 and beta == 1)
+    xt, tt, yy, ss = interpolate(x_g, x0, t), t, y, s
+    if real:
+        xt = torch.cat([xt, interpolate(x_d, x0, t)])
+        tt, yy, ss = t.repeat(2), _twice(y), _twice(s)
+    with torch.no_grad():
+        v = field(teacher, tt, xt, yy, ss).to(x0.dtype)
+    d = v - field(fake, tt, xt, yy, ss).to(x0.dtype)  # v* - f
+    if not real:
+        gain = -alpha * beta**2 * d * d + 2 * alpha * beta * d * v - 2 * beta**2 * d * u_g
+        return -_batch_mean(gain)
+    (d_g, d_d), (vstar_g, vstar_d) = d.chunk(2), v.chunk(2)
+    gain = (-alpha * beta**2 * d_g * d_g + 2 * alpha * beta * d_g * vstar_g
+            - 2 * beta**2 * d_g * u_g
+            - (1 - alpha) * beta**2 * d_d * d_d + 2 * (1 - alpha) * beta * d_d * vstar_d
+            - 2 * (1 - beta) * beta * d_d * (x_d - x0))
+    return -_batch_mean(gain)
+
+
+def beta_delta_generator_loss(teacher, fake, x_g, x0, t, y=None, s=None, *, alpha, beta):
+    """RealUID with delta = beta (v* - f) (ICLR 2026 version, Appendix A.2), generator side,
+    minimised by G: the generated part of beta_delta_fake_loss's objective with f frozen,
+
+        E_gen[ -alpha beta^2 |v* - f|^2 + 2 alpha beta <v* - f, v*> - 2 beta^2 <v* - f, u_g> ]
+
+    (sum over C, H, W, mean over the batch): G minimises the maximum over f of the objective,
+    whose real part does not depend on G. It equals generator_loss with the fake field
+    (1 - beta) v* + beta f, hence generator_loss itself at beta = 1. Gradients reach G through
+    x_t and u_g; the teacher's and the fake model's parameters should not require grad.
+    """
+    xt, u_g = interpolate(x_g, x0, t), x_g - x0
+    v = field(teacher, t, xt, y, s).to(x0.dtype)
+    d = v - field(fake, t, xt, y, s).to(x0.dtype)  # v* - f
+    return _batch_mean(-alpha * beta**2 * d * d + 2 * alpha * beta * d * v
+                       - 2 * beta**2 * d * u_g)

@@ -2,15 +2,21 @@
 
     import net_pickles
     net = net_pickles.load_edm_network("edm-cifar10-32x32-cond-vp.pkl")  # EDMPrecond, eval, fp32
+    net = net_pickles.load_edm_network("edm2-img64-s-1073741-0.075.pkl")  # edm2.Precond, likewise
     D = net(x, sigma, class_labels=one_hot)        # estimate of E[x1 | x1 + sigma n = x]
 
 `load_edm_pickle` reads `edm-*.pkl`, `baseline-*.pkl` and `network-snapshot-*.pkl` without EDM's
 code and without running anything from the file. EDM pickles each network as a "persistent
 object" carrying the source of its Python module, which EDM's loader executes; here it is never
 run: the unpickler admits only the globals a network's data needs, rebuilds each network from
-its class name and arguments as this repository's own module (edm.py's NETWORKS), and loads its
-tensors strictly. Other persistent objects (a snapshot's `loss_fn`, `augment_pipe`) come back as
-{"class_name", "init_args", "init_kwargs"}.
+its class name and arguments as this repository's own module (edm.py's or edm2.py's NETWORKS),
+and loads its tensors strictly. Other persistent objects (a snapshot's `loss_fn`,
+`augment_pipe`) come back as {"class_name", "init_args", "init_kwargs"}.
+
+EDM2's pickles (its training loop's `network-snapshot-*.pkl` and the published post-hoc EMA
+reconstructions) are a dnnlib.EasyDict: `ema` an edm2.Precond, stored in float16, rebuilt here
+as edm2.py's module in float32 (the float16 values, exactly); `encoder` (StandardRGBEncoder or
+StabilityVAEEncoder) and `loss_fn` (EDM2Loss) as the plain dicts above; `dataset_kwargs` a dict.
 """
 import contextlib
 import inspect
@@ -22,8 +28,17 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+import edm
+import edm2
 from common import RealUIDError
-from edm import NETWORKS
+
+# The networks a pickle may hold, keyed by the class name its persistent objects carry. EDM's
+# and EDM2's class names are disjoint (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond,
+# SongUNet, DhariwalUNet; Precond, UNet), so the name alone says which module to build.
+_SHARED = set(edm.NETWORKS) & set(edm2.NETWORKS)
+if _SHARED:  # a name in both would make a pickle ambiguous: key it some other way first
+    raise ImportError(f"edm.py and edm2.py both define networks named {sorted(_SHARED)}")
+NETWORKS = {**edm.NETWORKS, **edm2.NETWORKS}
 
 # _reconstruct_persistent_obj(meta), meta = {type: 'class', version, module_src, class_name,
 # state}, state being the module's __dict__ (its _parameters, _buffers, _modules, and the
@@ -98,6 +113,27 @@ def _parameter(data, requires_grad=False, backward_hooks=None, state=None):
     return data
 
 
+class _NDArray(metaclass=_Sealed):
+    """What the global numpy.ndarray resolves to: a name that only _array accepts. Called (a
+    pickle's REDUCE or NEWOBJ on it), it refuses: ndarray(shape, dtype, buffer) would view
+    memory the file chose."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("numpy.ndarray may be named by a pickle, not called")
+
+
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's own _reconstruct, wherever numpy keeps it
+
+
+def _array(subtype, shape, dtype):
+    """numpy's _reconstruct(ndarray, shape, dtype) for plain arrays: the empty array that the
+    pickle's BUILD then fills (ndarray.__setstate__ checks the data against shape and dtype).
+    EDM2's StabilityVAEEncoder keeps its latent scale and bias as float32 arrays."""
+    if subtype is not _NDArray:
+        raise pickle.UnpicklingError("an array of a class other than numpy.ndarray")
+    return _RECONSTRUCT(np.ndarray, shape, dtype)
+
+
 _ALLOWED = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,  # protocols 2 and 3
@@ -111,6 +147,9 @@ _ALLOWED = {
     ("numpy", "dtype"): np.dtype,
     **{(m, "scalar"): np.float64(0).__reduce__()[0]
        for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    # numpy arrays (EDM2's StabilityVAEEncoder state); numpy < 2 writes numpy.core
+    ("numpy", "ndarray"): _NDArray,
+    **{(m, "_reconstruct"): _array for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{("torch.nn.modules.container", name): cls for name, cls in _CONTAINERS.items()},
 }
 _PY2_MODULES = {"copy_reg": "copyreg", "__builtin__": "builtins"}  # fix_imports spellings
@@ -206,7 +245,7 @@ def load_edm_pickle(path_or_fileobj):
         raise RealUIDError(f"{name}: cannot read ({e.strerror or e})") from None
     except _Refused as e:
         raise RealUIDError(f"{name}: refused global {e.args[0]}: not an EDM network pickle (only "
-                           f"tensors, EDM's networks and plain data are read)") from None
+                           f"tensors, EDM's and EDM2's networks and plain data are read)") from None
     except Exception as e:
         raise RealUIDError(f"{name}: not an EDM network pickle ({_one_line(e)})") from None
     if not isinstance(raw, dict):
@@ -221,8 +260,9 @@ def load_edm_pickle(path_or_fileobj):
 
 
 def load_edm_network(path, key="ema"):
-    """The network stored under `key` (EDM's snapshots and public files: 'ema'), in eval mode,
-    float32, with requires_grad False."""
+    """The network stored under `key` (EDM's and EDM2's snapshots and public files: 'ema'), in
+    eval mode, float32, with requires_grad False: an edm.py network, or an edm2.Precond for an
+    EDM2 pickle (whose float16 weights come back as float32 of the same values)."""
     data = load_edm_pickle(path)
     if key not in data:
         held = ", ".join(map(repr, data)) or "nothing"

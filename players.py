@@ -12,6 +12,7 @@ A run's life on disk (logging, checkpoints, resume, signals) is runs.py's.
 import atexit
 import contextlib
 import copy
+import math
 import datetime
 import os
 import signal
@@ -107,16 +108,16 @@ def noise_generator(device, seed):
         return torch.Generator().manual_seed(seed)
 
 
-def randn(gen, shape, device):
-    return torch.randn(shape, generator=gen, device=gen.device).to(device, non_blocking=True)
+def randn(rng, shape, device):
+    return torch.randn(shape, generator=rng, device=rng.device).to(device, non_blocking=True)
 
 
-def rand(gen, shape, device):
-    return torch.rand(shape, generator=gen, device=gen.device).to(device, non_blocking=True)
+def rand(rng, shape, device):
+    return torch.rand(shape, generator=rng, device=rng.device).to(device, non_blocking=True)
 
 
-def randint(gen, high, shape, device):
-    return torch.randint(high, shape, generator=gen, device=gen.device).to(device)
+def randint(rng, high, shape, device):
+    return torch.randint(high, shape, generator=rng, device=rng.device).to(device)
 
 
 def rank_slice(tensors, proc):
@@ -215,7 +216,7 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def rng_state(gen, proc):
+def rng_state(noise, proc):
     """RNG states for an exact resume: the shared noise generator and each process's own."""
     own = {"torch": torch.get_rng_state()}
     if proc.device.type == "cuda":
@@ -224,19 +225,19 @@ def rng_state(gen, proc):
     if proc.world > 1:
         per_rank = [None] * proc.world
         dist.all_gather_object(per_rank, own)
-    return {"noise": gen.get_state(), "per_rank": per_rank}
+    return {"noise": noise.get_state(), "per_rank": per_rank}
 
 
-def set_rng_state(state, gen, proc, path="the checkpoint"):
+def set_rng_state(saved, noise, proc, path="the checkpoint"):
     try:
-        gen.set_state(state["noise"])
+        noise.set_state(saved["noise"])
     except RuntimeError:
-        fail(f"{path} drew its noise on another kind of device than {gen.device.type}; resume "
+        fail(f"{path} drew its noise on another kind of device than {noise.device.type}; resume "
              "it on the device type it was trained on (--device), or start a new run from its "
              "weights with --init-from")
-    if len(state["per_rank"]) != proc.world:  # a resume on another process count
+    if len(saved["per_rank"]) != proc.world:  # a resume on another process count
         return
-    own = state["per_rank"][proc.rank]
+    own = saved["per_rank"][proc.rank]
     torch.set_rng_state(own["torch"])
     if "cuda" in own and proc.device.type == "cuda":
         torch.cuda.set_rng_state(own["cuda"], proc.device)
@@ -255,6 +256,16 @@ def warmup(optimizer, steps):
 
 
 @torch.no_grad()
+def halflife_decay(images_seen, batch_size, halflife_mimg, rampup=None):
+    """The EMA decay of a half-life in millions of images (EDM's and SiD's --ema): after
+    halflife images the old weights count half; with a ramp-up the half-life is at most
+    rampup x the images seen so far (early EMAs follow the network closely)."""
+    halflife = halflife_mimg * 1e6
+    if rampup is not None:
+        halflife = min(halflife, images_seen * rampup)
+    return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+
 def ema_update(ema_net, net, decay):
     """ema <- decay * ema + (1 - decay) * net, all tensors in one multi-tensor op."""
     torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
@@ -302,10 +313,17 @@ class Player:
         self.scaler.scale(loss).backward()
 
     def clip(self, max_norm):
-        """Clip the gradients' global norm to max_norm; returns the norm before clipping (on the
-        device: read it at log steps only, no synchronisation here)."""
+        """Clip the gradients' global norm to max_norm (0: no clipping); returns the norm before
+        clipping (on the device: read it at log steps only, no synchronisation here)."""
         self.scaler.unscale_(self.opt)
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm or math.inf, foreach=True)
+
+    def nan_to_num_grads(self):
+        """SiD's handling of non-finite gradients (mingyuanzhou/SiD, sid_training_loop.py):
+        NaN entries become 0, +-inf become +-1e5, and the update goes on."""
+        for p in self.params:
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
 
     def step(self):
         """The optimizer step (skipped by the fp16 scaler after inf gradients), the warm-up
@@ -330,7 +348,7 @@ def frozen_alias(net):
     player's view of a network. Updates of `net` show through, no parameter gradients are
     computed through it, and DDP (which wraps `net`) never sees it. Make it after `net` has
     its final device and memory format (moving a module gives it new storage)."""
-    if "edm" in net.config:  # a diffusion network (teachers.DenoiserField): copied, then shared
+    if "edm" in net.config:  # a diffusion network (networks.DenoiserField): copied, then shared
         alias = copy.deepcopy(net)
     else:
         with torch.device("meta"):

@@ -3,7 +3,7 @@ grids, latest.pt written atomically, best.pt), its status lines, the in-training
 SIGTERM (finish the step, save, exit), the flags of a run and the rules of --resume (which
 flags may change, that the teacher and the data are the same ones).
 
-Sampling and FID never import this module (they need only common.py); the optimisation
+Sampling and FID never import this module; the optimisation
 machinery (processes, noise, batches, players) is players.py's.
 """
 import contextlib
@@ -20,14 +20,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (Interrupted, _number, add_threads_arg, checkpoint_kind, count, decay, fail,
-                    given_flags, json_safe, load_checkpoint, nonnegative_float, peak_memory_mb,
-                    positive_float, positive_int, save_checkpoint)
+from checkpoints import checkpoint_kind, load_checkpoint, save_checkpoint
+from common import (Interrupted, _number, add_threads_arg, count, decay, fail, given_flags,
+                    json_safe, nonnegative_float, peak_memory_mb, positive_float, positive_int)
 
 
 def describe_data(data):
     """What a resumed run checks of its data (None: no data used): size, image shape and a
-    content fingerprint (common.ImageData.fingerprint), so that the same data moved elsewhere is
+    content fingerprint (image_data.ImageData.fingerprint), so that the same data moved elsewhere is
     accepted and other data of the same shape is not."""
     if data is None:
         return None
@@ -327,8 +327,8 @@ def add_run_args(p, steps, batch, lr, warmup_steps, ema, log_every, sample_every
     g.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     g.add_argument("--warmup", type=count, default=warmup_steps,
                    help="linear learning-rate warm-up, in optimizer updates (0: none)")
-    g.add_argument("--grad-clip", type=positive_float, default=1.0,
-                   help="gradient-norm clipping")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
+                   help="gradient-norm clipping (0: none)")
     g.add_argument("--ema", type=decay, nargs="+", default=ema,
                    help="EMA decays to track (keys str(decay) in the checkpoint)")
     g.add_argument("--seed", type=count, default=42, help="random seed")

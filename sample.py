@@ -23,154 +23,18 @@ Image i depends only on (--seed, i), not on the batch size. An image-to-image mo
 kappa s + sigma_s eps (coupling.py) with eps the noise of (--seed, i).
 """
 import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
-import argparse
 import os
 
 import numpy as np
 import torch
 
 import common
-import coupling
-import teachers
-from flow import euler, generate
-
-
-def latents(seed, start, n, shape):
-    """Noise for images start..start+n-1; image i's noise depends only on (seed, i)."""
-    out = torch.empty(n, *shape)
-    for j in range(n):
-        s = np.random.SeedSequence([seed, start + j]).generate_state(1, np.uint64)[0]
-        out[j] = torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-    return out
-
-
-def load_model(path, ema, fallback_cfg):
-    """A checkpoint's network, ours, the authors' or an EDM pickle: a namespace with `net`,
-    `kind` ('distilled': the generator's weights, or 'teacher'), `ema` (the EMA decay used,
-    None for raw weights; 'first' asks for the first EMA the file tracks), `coupling` (the
-    image-to-image coupling of its config, None for noise-to-image models), `t_g` (a
-    generator's start time, flow.generate) and `ckpt` (the loaded file; {} for a pickle).
-    Teachers are read by teachers.load_teacher."""
-    if path.endswith(teachers.EDM_SUFFIXES):
-        net = teachers.load_teacher(path)
-        return argparse.Namespace(net=net, kind="teacher", ema=None, ckpt={}, coupling=None,
-                                  t_g=0.0)
-    ckpt = common.load_checkpoint(path, "checkpoint")  # a run folder: its latest.pt
-    kind = common.checkpoint_kind(ckpt)
-    if kind is None:
-        common.fail(f"{path} holds neither a teacher (net_model/ema_models) nor a generator "
-                    f"(gen/ema_gens); keys: {sorted(ckpt)}")
-    ema = common.first_ema(ckpt) if ema == "first" else ema
-    if kind == "teacher":
-        net = teachers.teacher_from_checkpoint(ckpt, path, "raw" if ema is None else ema,
-                                               fallback_cfg)
-    else:
-        sd = common.pick_weights(ckpt, ema, path)
-        cfg = common.net_config_from(ckpt, sd, fallback_cfg)
-        net = teachers.build(cfg, sd, dropout=0.0, what=f"weights in {path}")
-    config = ckpt.get("config", {})
-    return argparse.Namespace(net=net, kind=kind, ema=ema, ckpt=ckpt,
-                              coupling=config.get("coupling"), t_g=config.get("t_g", 0.0))
-
-
-def one_pass(model, z, y=None, s=None, nfe=100, sampler="euler"):
-    """A generator in one step (flow.generate), or a teacher with nfe Euler steps in t (a
-    diffusion teacher: on its range of t, flow.euler) or EDM's Heun sampler with about nfe
-    denoiser evaluations (teachers.edm_heun), from z."""
-    if model.kind == "distilled":
-        return generate(model.net, z, y, s, model.t_g)
-    if sampler == "heun":
-        if not teachers.is_diffusion(model.net):
-            common.fail("--sampler heun is EDM's sampler for diffusion teachers; sample a "
-                        "flow-matching teacher with --sampler euler")
-        return teachers.edm_heun(model.net, z, y, steps=(nfe + 1) // 2)
-    t0, t1 = teachers.t_range(model.net)
-    return euler(model.net, z, y, s, nfe=nfe, t0=t0, t1=t1)
+import networks
+import sampling
 
 
 # ---------------------------------------------------------------------------------------------
 # Image-to-image: the sources to translate
-
-def read_sources(path, shape):
-    """uint8 sources [N, C, H, W] from an .npz (its `source` array, else `images`), a folder of
-    images or a single image file, at the model's size (C, H, W); returns (sources, targets or
-    None, labels or None): a pairs .npz also gives its targets and labels."""
-    c, h, w = shape
-    targets = labels = None
-    if path.endswith(".npz"):
-        if not os.path.isfile(path):
-            common.fail(f"--source {path} does not exist")
-        images, labels, src = common.read_npz_images(path)
-        src, targets = (images, None) if src is None else (src, images)
-        src = torch.from_numpy(src).permute(0, 3, 1, 2).contiguous()
-        targets = None if targets is None else torch.from_numpy(targets).permute(0, 3, 1, 2)
-        labels = None if labels is None else torch.from_numpy(np.asarray(labels)).long()
-    elif os.path.isdir(path) or os.path.isfile(path):
-        from PIL import Image
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                       if f.lower().endswith(common.IMAGE_SUFFIXES)) if os.path.isdir(path) \
-            else [path]
-        if not files:
-            common.fail(f"no images ({', '.join(common.IMAGE_SUFFIXES)}) found under {path}")
-        arrays = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(np.asarray(im.convert("RGB" if c == 3 else "L")))
-            except OSError as e:
-                common.fail(f"cannot read the image {f} ({e})")
-        if len({a.shape for a in arrays}) > 1:
-            common.fail(f"the images under {path} have different sizes "
-                        f"({sorted({a.shape for a in arrays})[:3]}); resize them to the model's "
-                        "size")
-        stack = np.stack(arrays)
-        src = torch.from_numpy(stack[..., None] if stack.ndim == 3 else stack).permute(0, 3, 1, 2)
-    else:
-        common.fail(f"--source {path} is neither an .npz, an image folder nor an image file")
-    if tuple(src.shape[1:]) != shape:
-        common.fail(f"--source {path}: the sources are {'x'.join(map(str, src.shape[1:]))} but "
-                    f"the model translates {c}x{h}x{w} images; resize them first")
-    return src.contiguous(), targets, labels
-
-
-def held_out_pairs(data_path, coupling_cfg, shape, n, seed, data_root="./data"):
-    """(sources, targets, labels or None) of the first n images of --data: a pairs file's own
-    sources, or the model's task applied to the clean images (denoise noise from `seed`).
-    Sources are float in the network's range, exactly as training feeds them (a denoise
-    source x1 + 0.2 n is neither clipped nor quantised); targets are uint8."""
-    data = common.open_data(data_path, data_root, shape[-1])
-    if tuple(data.shape) != tuple(shape):
-        common.fail(f"--data images are {'x'.join(map(str, data.shape))} but the model "
-                    f"translates {'x'.join(map(str, shape))} images")
-    coupling.for_student(coupling_cfg, None, data, "of this checkpoint")
-    x_u8, labels, src_u8 = data.get(list(range(min(n or len(data), len(data)))))
-    if src_u8 is not None:
-        return common.from_uint8(src_u8), x_u8, labels
-    x1 = common.from_uint8(x_u8)
-    noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
-    return coupling.corrupt(x1, coupling_cfg["task"], noise), x_u8, labels
-
-
-@torch.no_grad()
-def translate(model, sources, labels, per_source, seed, batch_size, device, amp, nfe):
-    """Outputs uint8 [N * per_source, C, H, W] for float sources [N, C, H, W] (the network's
-    range, as held_out_pairs gives them), source-major: output i * K + k is the k-th
-    translation of source i, from the start kappa s + sigma eps with eps the noise of
-    (seed, i * K + k), so it depends neither on the batch size nor on N."""
-    c = model.coupling
-    src_all = sources.repeat_interleave(per_source, 0)
-    y_all = None if labels is None else labels.repeat_interleave(per_source, 0)
-    out = []
-    for lo in range(0, len(src_all), batch_size):
-        hi = min(len(src_all), lo + batch_size)
-        s = src_all[lo:hi].to(device)
-        z = coupling.start(s, latents(seed, lo, hi - lo, s.shape[1:]).to(device), c["kappa"],
-                           c["sigma"])
-        y = None if y_all is None else y_all[lo:hi].to(device)
-        with amp:
-            x = one_pass(model, z, y, s, nfe)
-        out.append(common.to_uint8(x.float()).cpu())
-    return torch.cat(out)
 
 
 NET_FLAGS = ("num_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
@@ -252,9 +116,9 @@ def main(args):
         if not out.endswith((".npz", ".png")):
             common.fail(f"--out {out}: use a .npz (images for FID) or .png (grid) file name")
     device = common.pick_device(args.device)
-    model = load_model(args.ckpt, args.ema, common.net_config_from_args(args))
+    model = sampling.load_model(args.ckpt, args.ema, common.net_config_from_args(args))
     model.net.to(device).eval()
-    shape = teachers.image_shape(model.net)
+    shape = networks.image_shape(model.net)
     amp = common.precision_context(device, args.precision)
     given = getattr(args, "given", set())
     if "nfe" in given and model.kind == "distilled":
@@ -270,17 +134,17 @@ def main(args):
         common.fail(f"{args.ckpt} is a noise-to-image model: --source / --data are for "
                     "image-to-image checkpoints (train_teacher.py --task / pairs)")
     n = args.n or 64
-    labels = common.class_labels(n, teachers.num_classes(model.net), args.label)
+    labels = common.class_labels(n, networks.num_classes(model.net), args.label)
     if args.label is not None and labels is None:
         common.fail("--label given but the model is unconditional; drop --label")
 
     images = []
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
-        z = latents(args.seed, lo, hi - lo, shape).to(device)
+        z = sampling.latents(args.seed, lo, hi - lo, shape).to(device)
         y = None if labels is None else labels[lo:hi].to(device)
         with amp:
-            x = one_pass(model, z, y, nfe=args.nfe, sampler=args.sampler)
+            x = sampling.one_pass(model, z, y, nfe=args.nfe, sampler=args.sampler)
         images.append(common.to_uint8(x.float()).cpu())
         if n > args.batch_size:
             print(f"\r{hi}/{n} images", end="", flush=True)
@@ -305,20 +169,20 @@ def main_pairs(args, model, shape, device, amp, what):
                     "): give exactly one of --source (images to translate) and --data "
                     "(held-out images to corrupt and translate)")
     if args.source:
-        src, targets, labels = read_sources(args.source, shape)
+        src, targets, labels = sampling.read_sources(args.source, shape)
         n = min(args.n or len(src), len(src))
         src, targets = common.from_uint8(src[:n]), None if targets is None else targets[:n]
         labels = None if labels is None else labels[:n]
     else:
-        src, targets, labels = held_out_pairs(args.data, model.coupling, shape, args.n,
+        src, targets, labels = sampling.held_out_pairs(args.data, model.coupling, shape, args.n,
                                               args.seed, args.data_root)
-    classes = teachers.num_classes(model.net)
+    classes = networks.num_classes(model.net)
     if classes is not None and (labels is None or args.label is not None):
         labels = common.class_labels(len(src), classes, args.label)
     elif classes is None:
         labels = None
     k = args.per_source
-    images = translate(model, src, labels, k, args.seed, args.batch_size, device, amp, args.nfe)
+    images = sampling.translate(model, src, labels, k, args.seed, args.batch_size, device, amp, args.nfe)
     src = common.to_uint8(src)  # shown and saved as an image (a denoise source is clipped here)
     rep = lambda v: None if v is None else v.repeat_interleave(k, 0)  # noqa: E731
     for out in args.out:

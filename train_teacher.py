@@ -30,21 +30,23 @@ import os
 
 import torch
 
+import checkpoints
 import common
 import coupling
-import fid
-import runs
+import inception
+import image_data
+import networks
 import players
-import teachers
+import runs
 from flow import euler
 from losses import edm_weight, flow_matching_loss, noise_levels
 
 
 def edm_network(args, shape, num_classes):
     """An EDM-preconditioned denoiser (EDMPrecond around a DDPM++ SongUNet, edm.py) with the
-    network flags, as a flow field (teachers.DenoiserField): --param edm."""
+    network flags, as a flow field (networks.DenoiserField): --param edm."""
     c, h, _ = shape
-    return teachers.build_edm({"edm": "EDMPrecond", "args": [], "kwargs": dict(
+    return networks.build_edm({"edm": "EDMPrecond", "args": [], "kwargs": dict(
         img_resolution=h, img_channels=c, label_dim=num_classes or 0, model_type="SongUNet",
         model_channels=args.num_channels, channel_mult=list(args.channel_mult),
         num_blocks=args.num_res_blocks, attn_resolutions=list(args.attention_resolutions),
@@ -98,7 +100,7 @@ def setup(args, proc):
     args.precision = common.resolve_precision(args.precision, device)  # saved resolved
     common.configure_backends(device, args.precision, args.deterministic)
     state = argparse.Namespace(proc=proc, device=device)
-    data = common.open_data(args.data, args.data_root, args.image_size)
+    data = image_data.open_data(args.data, args.data_root, args.image_size)
     state.coupling = coupling.for_teacher(args, data)
     if state.coupling and args.fid_every:
         common.fail("--fid-every scores noise-to-image models; score an image-to-image "
@@ -107,7 +109,7 @@ def setup(args, proc):
         args, in_channels=data.shape[0], dropout=args.dropout,
         num_classes=data.num_classes if args.cond else None,
         cond_channels=data.shape[0] if state.coupling else 0)
-    common.check_data(data, cfg, args.cond)
+    image_data.check_data(data, cfg, args.cond)
     state.grid_pairs = coupling.fixed_pairs(data, state.coupling, 16, device) \
         if state.coupling else None
     state.shape, state.data_size = data.shape, len(data)
@@ -115,9 +117,9 @@ def setup(args, proc):
 
     init_sd = None
     if args.init_from:
-        ickpt = common.load_checkpoint(args.init_from, "--init-from checkpoint")
-        common.require_kind(ickpt, "teacher", args.init_from)
-        init_sd = common.pick_weights(ickpt, None, args.init_from)
+        ickpt = checkpoints.load_checkpoint(args.init_from, "--init-from checkpoint")
+        checkpoints.require_kind(ickpt, "teacher", args.init_from)
+        init_sd = checkpoints.pick_weights(ickpt, None, args.init_from)
     players.seed_init(args.seed)
     if args.param == "edm":
         if state.coupling:
@@ -126,12 +128,12 @@ def setup(args, proc):
         state.net = edm_network(args, data.shape, cfg["num_classes"])
         state.cfg = cfg = state.net.config
         if init_sd is not None:
-            common.load_state(state.net, init_sd, f"--init-from weights {args.init_from}")
+            networks.load_state(state.net, init_sd, f"--init-from weights {args.init_from}")
     else:
-        state.net = common.build_net(cfg, init_sd,
+        state.net = networks.build_net(cfg, init_sd,
                                      what=f"--init-from weights {args.init_from}")
     state.net.to(device)
-    state.emas = {common.ema_key(decay): copy.deepcopy(state.net).requires_grad_(False).eval()
+    state.emas = {checkpoints.ema_key(decay): copy.deepcopy(state.net).requires_grad_(False).eval()
                   for decay in args.ema}
     players.seed_dropout(args.seed, proc.rank)
     if args.channels_last:
@@ -145,16 +147,16 @@ def setup(args, proc):
     state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))
     consumed = 0
     if args.resume:
-        ckpt = common.load_checkpoint(args.resume, "resume checkpoint")
-        common.require_kind(ckpt, "teacher", args.resume)
-        if not common.same_net(ckpt.get("config", {}).get("net"), cfg) or \
+        ckpt = checkpoints.load_checkpoint(args.resume, "resume checkpoint")
+        checkpoints.require_kind(ckpt, "teacher", args.resume)
+        if not networks.same_net(ckpt.get("config", {}).get("net"), cfg) or \
                 ckpt["config"].get("coupling") != state.coupling:
             common.fail(f"{args.resume} was trained with another network or data "
                         f"({ckpt.get('config', {}).get('net')}); use the original flags")
         runs.check_same_inputs(ckpt["config"], None, state.data_desc, args.resume)
-        common.load_state(state.net, ckpt["net_model"])
+        networks.load_state(state.net, ckpt["net_model"])
         for k, m in state.emas.items():
-            common.load_state(m, ckpt["ema_models"][k])
+            networks.load_state(m, ckpt["ema_models"][k])
         state.player.opt.load_state_dict(ckpt["optim"])
         state.player.sched.load_state_dict(ckpt["sched"])
         state.player.scaler.load_state_dict(ckpt.get("scaler", {}))
@@ -214,7 +216,7 @@ def teacher_update(state, args, batch):
     player.step()
     state.run.check.add("flow-matching loss", loss_fm, state.run.step)
     for decay in args.ema:
-        players.ema_update(state.emas[common.ema_key(decay)], state.net, decay)
+        players.ema_update(state.emas[checkpoints.ema_key(decay)], state.net, decay)
     return loss_fm, norm
 
 
@@ -238,15 +240,15 @@ def save(state, args, name="latest.pt"):
 
 def sample_teacher(net, z, y, nfe):
     """Euler steps of the teacher's field, on its range of t (flow.euler)."""
-    t0, t1 = teachers.t_range(net)
+    t0, t1 = networks.t_range(net)
     return euler(net, z, y, nfe=nfe, t0=t0, t1=t1)
 
 
 @torch.no_grad()
-def save_grid(state, args, z, y):
+def save_grids(state, args, z, y):
     """The first EMA teacher's samples (Euler, --sample-nfe steps) from fixed latents; for a
     coupling, rows source | output | target of 16 fixed data pairs."""
-    ema = state.emas[common.ema_key(args.ema[0])]
+    ema = state.emas[checkpoints.ema_key(args.ema[0])]
     path = os.path.join(args.out, "samples", f"{state.run.step:07d}_ema.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if not state.coupling:
@@ -262,8 +264,8 @@ def save_grid(state, args, z, y):
 def main(args):
     proc = players.Process(args.device)
     state = setup(args, proc)
-    fid_eval = fid.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
-                                 state.shape, teachers.num_classes(state.net), args.fid_n,
+    fid_eval = inception.InTrainingFID(args.fid_ref, args.fid_weights, args.fid_mode, proc.device,
+                                 state.shape, networks.num_classes(state.net), args.fid_n,
                                  args.fid_batch) if args.fid_every and proc.main else None
     runs.start_run(args.out, vars(args), proc, fresh=not args.resume)
     if proc.main:
@@ -273,10 +275,10 @@ def main(args):
         print(f"teacher: {sum(p.numel() for p in state.player.params):,} parameters, data "
               f"{state.data_size} images {'x'.join(map(str, state.shape))}{pairs}, device "
               f"{proc.device}, {proc.world} process(es), {args.precision}")
-    grid_z, grid_y = players.grid_latents(state.shape, teachers.num_classes(state.net),
+    grid_z, grid_y = players.grid_latents(state.shape, networks.num_classes(state.net),
                                            proc.device)
     run = state.run
-    ema = state.emas[common.ema_key(args.ema[0])]
+    ema = state.emas[checkpoints.ema_key(args.ema[0])]
     in_training_fid = (fid_eval, lambda z, y: sample_teacher(ema, z, y, args.sample_nfe),
                        f"EMA {args.ema[0]}, {args.sample_nfe} Euler steps")
     running = {"loss_fm": torch.zeros((), device=proc.device)}
@@ -288,7 +290,7 @@ def main(args):
             running["loss_fm"] += loss
             run.end_step(running, {"grad_norm": grad_norm,
                                    "lr": state.player.sched.get_last_lr()[0]},
-                         grids=lambda: save_grid(state, args, grid_z, grid_y),
+                         grids=lambda: save_grids(state, args, grid_z, grid_y),
                          save=lambda name: save(state, args, name), fid=in_training_fid)
     proc.close()
 

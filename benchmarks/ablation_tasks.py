@@ -23,11 +23,12 @@ import torch.nn as nn
 
 import common
 import distill
-import losses
 import fid
+import inception
 import flow
-import train_teacher
+import losses
 import players
+import train_teacher
 import unet
 
 FAKE_STEPS = 5          # fake-model updates per generator update (the official 5 + 1 cycle)
@@ -94,12 +95,12 @@ def mode_coverage(masses, truth, covered_share=0.2):
 
 def frechet(x, y):
     """Frechet distance between Gaussians fitted to samples x, y [n, d] (mean, unbiased
-    covariance), via fid.frechet_distance (exact, float64)."""
+    covariance), via inception.frechet_distance (exact, float64)."""
     stats = []
     for a in (x, y):
         a = a.double().cpu().numpy()
         stats += [a.mean(0), np.atleast_2d(np.cov(a, rowvar=False))]
-    return fid.frechet_distance(*stats)
+    return inception.frechet_distance(*stats)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import distill  # noqa: E402
-import losses  # noqa: E402
 import flow  # noqa: E402
+import losses  # noqa: E402
 import players  # noqa: E402
 from benchmarks import measure  # noqa: E402
 

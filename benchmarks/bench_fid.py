@@ -25,14 +25,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import fid  # noqa: E402
+import inception  # noqa: E402
 from benchmarks import measure  # noqa: E402
 
 
 def build_extractors(weights, device, hub_dir):
     """name -> function(uint8 batch on device) -> features; references only if importable."""
-    ours_tf = fid.InceptionFeatures(weights, mode="tf", device=device)
-    ours_pt = fid.InceptionFeatures(weights, mode="pytorch-fid", device=device)
+    ours_tf = inception.InceptionFeatures(weights, mode="tf", device=device)
+    ours_pt = inception.InceptionFeatures(weights, mode="pytorch-fid", device=device)
     extractors = {
         "fid.py --mode tf": ours_tf,
         "fid.py --mode pytorch-fid": ours_pt,
@@ -46,7 +46,7 @@ def build_extractors(weights, device, hub_dir):
         # pytorch-fid reads <hub dir>/checkpoints/<name> without checking the hash: point it at
         # our file
         os.makedirs(os.path.join(hub_dir, "checkpoints"), exist_ok=True)
-        os.symlink(os.path.abspath(weights), os.path.join(hub_dir, "checkpoints", fid.WEIGHTS_NAME))
+        os.symlink(os.path.abspath(weights), os.path.join(hub_dir, "checkpoints", inception.WEIGHTS_NAME))
         torch.hub.set_dir(hub_dir)
         net = InceptionV3([3]).eval().to(device)
 
@@ -78,7 +78,7 @@ def main(args):
         weights = args.weights
         if weights is None:
             weights = os.path.join(tmp, "random_inception.pth")
-            torch.save(fid.random_inception_state_dict(), weights)
+            torch.save(inception.random_inception_state_dict(), weights)
         extractors = build_extractors(weights, device, os.path.join(tmp, "hub"))
         names = list(extractors)
         times = {name: [] for name in names}  # seconds per batch

@@ -9,9 +9,9 @@ source leaves shape, position and size ambiguous, so the posterior is multimodal
 carry information the teacher lacks: the situation in which RealUID's real-data terms should pay.
 Everything runs through the command lines: toy_data.py, train_teacher.py, then distill.py for
 every (alpha, beta) and seed with --snapshot-every, and every snapshot's EMA generator is scored
-on 1,024 held-out pairs (sample.held_out_pairs / sample.translate, one output per source, fixed
+on 1,024 held-out pairs (sampling.held_out_pairs / sampling.translate, one output per source, fixed
 noise): PSNR to the true target (coupling.psnr; rewards the posterior mean) and pixel-space
-Frechet distance to the held-out targets (fid.pixel_frechet_distance; rewards realistic, diverse
+Frechet distance to the held-out targets (inception.pixel_frechet_distance; rewards realistic, diverse
 outputs). References: the source itself, the one-step start x0 + v*(0, x0, s), the teacher with
 50 Euler steps and, for the FD, the training targets (the data's own floor).
 
@@ -41,9 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import coupling  # noqa: E402
-import fid  # noqa: E402
+import inception  # noqa: E402
 import plot  # noqa: E402
 import sample  # noqa: E402
+import sampling  # noqa: E402
 from benchmarks import measure  # noqa: E402
 
 NET = ("--image-size 8 --num-channels 32 --channel-mult 1 --num-res-blocks 1 "
@@ -109,38 +110,38 @@ def distill_run(work, alpha, beta, seed, steps, every):
 
 def heldout(work, teacher):
     shape = (3, DATA["size"], DATA["size"])
-    return sample.held_out_pairs(f"{work}/heldout.npz", teacher.coupling, shape, None,
+    return sampling.held_out_pairs(f"{work}/heldout.npz", teacher.coupling, shape, None,
                                  EVAL_SEED)
 
 
 def translate(model, src, nfe=NFE):
     """One output per held-out source, the same noise for every model (seed EVAL_SEED)."""
     cpu = torch.device("cpu")
-    return sample.translate(model, src, None, 1, EVAL_SEED, 512, cpu,
+    return sampling.translate(model, src, None, 1, EVAL_SEED, 512, cpu,
                             common.precision_context(cpu, "fp32"), nfe)
 
 
 def scores(out, targets):
     return {"psnr": coupling.psnr(out, targets),
-            "pixel_fd": float(fid.pixel_frechet_distance(out, targets))}
+            "pixel_fd": float(inception.pixel_frechet_distance(out, targets))}
 
 
 def evaluate_run(work, out, steps):
     """Scores of the EMA generator of every snapshot of a run up to `steps` (a longer run of
     the same setting and seed is identical up to there): {step: {psnr, pixel_fd}}."""
-    teacher = sample.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
+    teacher = sampling.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
     src, targets, _ = heldout(work, teacher)
     curve = {}
     for path in sorted(glob.glob(f"{out}/ckpt_*.pt")):
         step = int(os.path.basename(path)[5:12])
         if step <= steps:
-            model = sample.load_model(path, DISTILL["ema"], None)
+            model = sampling.load_model(path, DISTILL["ema"], None)
             curve[step] = scores(translate(model, src), targets)
     return curve
 
 
 def references(work):
-    teacher = sample.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
+    teacher = sampling.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
     src, targets, _ = heldout(work, teacher)
     train = torch.from_numpy(np.load(f"{work}/train.npz")["images"][:len(targets)])
     return {"source itself": scores(common.to_uint8(src), targets),  # src: the network's range
@@ -148,7 +149,7 @@ def references(work):
             f"teacher, {NFE} Euler steps": scores(translate(teacher, src), targets),
             "training targets (the data's floor)": {
                 "psnr": None,
-                "pixel_fd": float(fid.pixel_frechet_distance(train.permute(0, 3, 1, 2),
+                "pixel_fd": float(inception.pixel_frechet_distance(train.permute(0, 3, 1, 2),
                                                              targets))}}
 
 
@@ -209,13 +210,13 @@ def curves_figure(curves, refs, path):
 
 def samples_figure(work, steps, path, n=10):
     """Seed 0: rows source | one-step start | teacher | data-free | (0.94, 0.96) | target."""
-    teacher = sample.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
+    teacher = sampling.load_model(f"{work}/teacher/latest.pt", TEACHER["ema"], None)
     src, targets, _ = heldout(work, teacher)
     src, targets = src[:n], targets[:n]
     rows = [common.to_uint8(src), translate(teacher, src, 1), translate(teacher, src)]
     for alpha, beta in SETTINGS[:2]:
         ckpt = f"{work}/runs/{run_name(alpha, beta, 0)}/ckpt_{steps:07d}.pt"
-        rows.append(translate(sample.load_model(ckpt, DISTILL["ema"], None), src))
+        rows.append(translate(sampling.load_model(ckpt, DISTILL["ema"], None), src))
     rows.append(targets)
     grid = torch.cat(rows)
     common.save_grid(common.from_uint8(grid), path, nrow=n)

@@ -21,6 +21,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import common  # noqa: E402
 from benchmarks import measure  # noqa: E402
 
@@ -45,7 +46,7 @@ def distill_argv(work, out):
 
 def state(path):
     """A checkpoint without its saved flags (--out differs between the runs)."""
-    ckpt = common.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     ckpt["config"].pop("args")
     return ckpt
 
@@ -90,7 +91,7 @@ def main(args):
         out = f"{work}/run{i}"
         hits, code, last = interrupted_run(work, out, rng)
         # a command that ends by itself either finished the run or found it finished already
-        diff = common.checkpoint_differences(reference, state(f"{out}/latest.pt"))
+        diff = checkpoints.checkpoint_differences(reference, state(f"{out}/latest.pt"))
         equal += not diff
         print(f"run {i}: {'EQUAL' if not diff else f'DIFF in {len(diff)} entries'} after "
               f"{len(hits)} hits (last command: exit {code} {last[:80]})", flush=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import fid  # noqa: E402
+import inception  # noqa: E402
 import plot  # noqa: E402
 from benchmarks import measure  # noqa: E402
 
@@ -106,7 +106,7 @@ def main():
         else:
             sh(here(f"python sample.py {flags} --n {n} --seed 7 --out runs/qs_eval.npz"))
             images = np.load(os.path.join(ROOT, WORK, "qs_eval.npz"))["images"]
-        results[name] = fid.pixel_frechet_distance(images, heldout)
+        results[name] = inception.pixel_frechet_distance(images, heldout)
     m = measure.machine()
     report = {"machine": m, "commands": COMMANDS, "ran_in": WORK, "seconds": times,
               "total_seconds": total, "pixel_fd_vs_heldout": results, "samples": n}

@@ -1,8 +1,8 @@
-"""Run the README's CPU quick start for a diffusion teacher and measure what it achieves.
+"""Run the CPU quick start for a diffusion teacher (docs/diffusion.md) and measure what it achieves.
 
     python benchmarks/quickstart_diffusion.py   # about 20 min on 2 CPU cores, with the evaluation
 
-Runs the README's commands ("CPU quick start: a diffusion teacher") verbatim except that every
+Runs the commands of docs/diffusion.md ("CPU quick start: a diffusion teacher") verbatim except that every
 run writes below runs/bench_diffusion/ (never into the README's own runs/ folders): toy data ->
 an EDM-preconditioned denoiser trained with EDM's loss (train_teacher.py --param edm) ->
 RealUID (0.94, 0.96) -> samples; then, on the same teacher and budget, SiD's configuration
@@ -23,14 +23,14 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import fid  # noqa: E402
+import inception  # noqa: E402
 from benchmarks import measure  # noqa: E402
 from benchmarks.quickstart import before_after, fresh, sh  # noqa: E402
 from benchmarks.quickstart import here as moved  # noqa: E402
 
 TOY_NET = ("--image-size 16 --num-channels 32 --channel-mult 1,2,2 --num-res-blocks 1 "
            "--attention-resolutions 8")
-# The README's diffusion quick start, verbatim (tests/test_pipeline.py checks that they agree).
+# The diffusion quick start of docs/diffusion.md, verbatim (tests/test_pipeline.py checks that they agree).
 COMMANDS = [
     "python toy_data.py --out runs/toy.npz",
     f"python train_teacher.py --param edm --data runs/toy.npz {TOY_NET} --batch-size 64 "
@@ -97,7 +97,7 @@ def main():
         else:
             sh(here(f"python sample.py {flags} --n {n} --seed 7 --out runs/qs_eval.npz"))
             images = np.load(os.path.join(ROOT, WORK, "qs_eval.npz"))["images"]
-        results[name] = fid.pixel_frechet_distance(images, heldout)
+        results[name] = inception.pixel_frechet_distance(images, heldout)
     report = {"machine": measure.machine(), "commands": COMMANDS, "sid_command": SID,
               "plain_command": PLAIN, "uniform_command": UNIFORM,
               "work_folder": WORK, "seconds": times, "pixel_fd_vs_heldout": results,

@@ -1,8 +1,8 @@
-"""Run the README's image-to-image CPU quick start and measure what it achieves.
+"""Run the image-to-image CPU quick start (docs/image_to_image.md) and measure what it achieves.
 
     python benchmarks/quickstart_pairs.py      # the quick start, then its evaluation and figure
 
-Runs the commands of README.md's "CPU quick start: 4x super-resolution" as listed (toy data ->
+Runs the commands of docs/image_to_image.md's "CPU quick start: 4x super-resolution" as listed (toy data ->
 4x super-resolution teacher on the bridge path -> RealUID -> translations -> `eval_pairs.py`),
 except that every path under runs/ moves below runs/bench_quickstart_pairs/ (the README's own
 runs/ folders are never deleted or overwritten); times each, and draws docs/pairs_quickstart.png
@@ -21,10 +21,11 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import sample  # noqa: E402
+import sampling  # noqa: E402
 from benchmarks import measure  # noqa: E402
 from benchmarks.quickstart import ROOT, TOY_NET, fresh, here, sh  # noqa: E402
 
-# The README's image-to-image quick start, verbatim (tests/test_pipeline.py checks that the two
+# The image-to-image quick start of docs/image_to_image.md, verbatim (tests/test_pipeline.py checks that the two
 # agree); they run with their runs/ paths moved below WORK (quickstart.here).
 COMMANDS = [
     "python toy_data.py --out runs/toy.npz",
@@ -47,13 +48,13 @@ def figure(path, work=WORK, n=8, nfe=20):
     """Rows source | start | generator | teacher | target for the first n held-out pairs of the
     runs in `work`."""
     j = lambda p: os.path.join(ROOT, work, p)  # noqa: E731
-    teacher = sample.load_model(j("sr4_teacher/latest.pt"), 0.995, None)
-    gen = sample.load_model(j("sr4_distill/latest.pt"), 0.95, None)
-    src, targets, _ = sample.held_out_pairs(j("toy_heldout.npz"), gen.coupling, (3, 16, 16), n,
+    teacher = sampling.load_model(j("sr4_teacher/latest.pt"), 0.995, None)
+    gen = sampling.load_model(j("sr4_distill/latest.pt"), 0.95, None)
+    src, targets, _ = sampling.held_out_pairs(j("toy_heldout.npz"), gen.coupling, (3, 16, 16), n,
                                             0)
     cpu = torch.device("cpu")
     amp = common.precision_context(cpu, "fp32")
-    out = [sample.translate(m, src, None, 1, 0, 64, cpu, amp, k)
+    out = [sampling.translate(m, src, None, 1, 0, 64, cpu, amp, k)
            for m, k in ((teacher, 1), (gen, 1), (teacher, nfe))]
     # sources are floats in the network's range, the outputs and targets uint8
     rows = [common.to_uint8(src), *out, targets]

@@ -16,8 +16,8 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
-import fid  # noqa: E402
+import checkpoints  # noqa: E402
+import inception  # noqa: E402
 import train_teacher  # noqa: E402
 
 # A tiny network: 8x8 images, one level of 32 channels, attention at 8x8 (~180k parameters).
@@ -78,12 +78,12 @@ def load(path):
 def tensors_equal(a, b, path="ckpt"):
     """Recursively compare two checkpoint structures; returns a list of differing paths (the
     wall-clock training time `elapsed_s` is the one entry that may differ)."""
-    return common.checkpoint_differences(a, b, path)
+    return checkpoints.checkpoint_differences(a, b, path)
 
 
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     """A random-weights FID Inception file (the real one cannot be downloaded here)."""
     path = str(tmp_path_factory.mktemp("weights") / "random_inception.pth")
-    torch.save(fid.random_inception_state_dict(), path)
+    torch.save(inception.random_inception_state_dict(), path)
     return path

@@ -299,7 +299,7 @@ def test_load_in_a_fresh_process(tmp_path):
     write_edm_pickle(path, net, kwargs)
     x, sigma, y, _ = inputs(kwargs)
     torch.save(dict(x=x, sigma=sigma, y=y), tmp_path / "in.pt")
-    code = ("import sys, torch, edm; d = torch.load(sys.argv[2]); "
+    code = ("import sys, torch, net_pickles; d = torch.load(sys.argv[2]); "
             "net = net_pickles.load_edm_network(sys.argv[1]); "
             "torch.save(net(d['x'], d['sigma'], d['y']), sys.argv[3])")
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "in.pt"),
@@ -320,7 +320,7 @@ def test_full_cifar10_teachers_have_edms_parameter_count():
 
 
 # ---------------------------------------------------------------------------------------------
-# Preconditioning in closed form (Table 1; SPEC section 9).
+# Preconditioning in closed form (EDM paper, Table 1).
 
 class Probe(torch.nn.Module):
     """Stands in for the network F: records its inputs and returns a known function of them."""

@@ -19,6 +19,7 @@ from scipy import linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402
+import inception  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The random test weights are not the standard file: fid.py warns about it on every load.
@@ -37,7 +38,7 @@ def random_images(n, size=32, seed=0):
 
 @pytest.fixture(scope="session")
 def extractor(weights):
-    return fid.InceptionFeatures(weights, mode="tf", device="cpu")
+    return inception.InceptionFeatures(weights, mode="tf", device="cpu")
 
 
 def random_covariance(rng, d, rank=None):
@@ -54,9 +55,9 @@ def test_frechet_equal_covariances_give_squared_mean_distance():
         sigma = random_covariance(rng, 32, rank)
         mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
         expected = np.sum((mu1 - mu2) ** 2)
-        assert (fid.frechet_distance(mu1, sigma, mu2, sigma)
+        assert (inception.frechet_distance(mu1, sigma, mu2, sigma)
                 == pytest.approx(expected, rel=1e-9, abs=1e-9))
-        assert abs(fid.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-9
+        assert abs(inception.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-9
 
 
 def test_frechet_diagonal_gaussians_closed_form():
@@ -64,10 +65,10 @@ def test_frechet_diagonal_gaussians_closed_form():
     a, b = rng.uniform(0.1, 3, 50), rng.uniform(0.1, 3, 50)
     mu1, mu2 = rng.standard_normal(50), rng.standard_normal(50)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert (fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert (inception.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
             == pytest.approx(expected, rel=1e-12))
     # scalar (1-d) inputs
-    assert fid.frechet_distance(1.0, 4.0, 0.0, 1.0) == pytest.approx(1 + (2 - 1) ** 2, rel=1e-12)
+    assert inception.frechet_distance(1.0, 4.0, 0.0, 1.0) == pytest.approx(1 + (2 - 1) ** 2, rel=1e-12)
 
 
 def test_frechet_matches_sqrtm_formula_and_is_symmetric():
@@ -76,9 +77,9 @@ def test_frechet_matches_sqrtm_formula_and_is_symmetric():
     mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
     independent = (np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2)
                    - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real)
-    ours = fid.frechet_distance(mu1, s1, mu2, s2)
+    ours = inception.frechet_distance(mu1, s1, mu2, s2)
     assert ours == pytest.approx(independent, rel=1e-9)
-    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(ours, rel=1e-9)
+    assert inception.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(ours, rel=1e-9)
 
 
 def test_frechet_singular_covariances_exact():
@@ -90,7 +91,7 @@ def test_frechet_singular_covariances_exact():
     nuclear = np.linalg.svd(xc @ yc.T, compute_uv=False).sum()
     exact = (np.sum((x.mean(0) - y.mean(0)) ** 2)
              + (np.sum(xc ** 2) + np.sum(yc ** 2) - 2 * nuclear) / 7)
-    ours = fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False),
+    ours = inception.frechet_distance(x.mean(0), np.cov(x, rowvar=False),
                                 y.mean(0), np.cov(y, rowvar=False))
     assert ours == pytest.approx(exact, rel=1e-10)
 
@@ -98,12 +99,12 @@ def test_frechet_singular_covariances_exact():
 def test_frechet_guards():
     rng = np.random.default_rng(3)
     s = random_covariance(rng, 8)
-    with pytest.raises(fid.FIDError, match="shape mismatch"):
-        fid.frechet_distance(np.zeros(8), s, np.zeros(4), s[:4, :4])
+    with pytest.raises(inception.FIDError, match="shape mismatch"):
+        inception.frechet_distance(np.zeros(8), s, np.zeros(4), s[:4, :4])
     bad = s.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(fid.FIDError, match="NaN"):
-        fid.frechet_distance(np.zeros(8), bad, np.zeros(8), s)
+    with pytest.raises(inception.FIDError, match="NaN"):
+        inception.frechet_distance(np.zeros(8), bad, np.zeros(8), s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,15 +114,15 @@ def test_resize_tf1_hand_computed():
     x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
     # 2 -> 3: source coordinates 0, 2/3, 4/3 (no half-pixel offset); the last clamps to pixel 1
     expected = torch.tensor([[0.0, 20 / 3, 10.0], [40 / 3, 20.0, 70 / 3], [20.0, 80 / 3, 30.0]])
-    torch.testing.assert_close(fid.resize_bilinear_tf1(x, 3)[0, 0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(inception.resize_bilinear_tf1(x, 3)[0, 0], expected, rtol=0, atol=1e-5)
     # 4 -> 3 (downsampling): source coordinates 0, 4/3, 8/3 along each axis
     row = torch.tensor([0.0, 3.0, 6.0, 9.0])
-    y = fid.resize_bilinear_tf1((row[None, :] + 100 * row[:, None] / 3)[None, None], 3)[0, 0]
+    y = inception.resize_bilinear_tf1((row[None, :] + 100 * row[:, None] / 3)[None, None], 3)[0, 0]
     sampled = torch.tensor([0.0, 4.0, 8.0])  # row value at coordinate c is 3c (linear, no clamping)
     torch.testing.assert_close(y, sampled[None, :] + 100 * sampled[:, None] / 3, rtol=0, atol=1e-4)
     # same size is the identity
     z = torch.rand(2, 3, 5, 5)
-    torch.testing.assert_close(fid.resize_bilinear_tf1(z, 5), z, rtol=0, atol=0)
+    torch.testing.assert_close(inception.resize_bilinear_tf1(z, 5), z, rtol=0, atol=0)
 
 
 def test_resize_tf1_matches_torch_fidelity():
@@ -129,17 +130,17 @@ def test_resize_tf1_matches_torch_fidelity():
     x = random_images(3).float()
     theirs = tf_interp.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299),
                                                                  align_corners=False)
-    torch.testing.assert_close(fid.resize_bilinear_tf1(x, 299), theirs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(inception.resize_bilinear_tf1(x, 299), theirs, rtol=0, atol=1e-4)
 
 
 def test_preprocess_modes_range_and_difference():
     x = random_images(2)
-    a, b = fid.preprocess(x, "tf"), fid.preprocess(x, "pytorch-fid")
+    a, b = inception.preprocess(x, "tf"), inception.preprocess(x, "pytorch-fid")
     assert a.shape == b.shape == (2, 3, 299, 299)
     assert a.min() >= -1 and a.max() <= 1 and b.min() >= -1 and b.max() <= 1
     assert (a - b).abs().max() > 0.1  # half-pixel offset and scaling differ
-    with pytest.raises(fid.FIDError, match="unknown FID mode"):
-        fid.preprocess(x, "clean")
+    with pytest.raises(inception.FIDError, match="unknown FID mode"):
+        inception.preprocess(x, "clean")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,9 +162,9 @@ def test_features_shape_determinism_batch_independence(extractor):
 
 
 def test_features_reject_bad_input(extractor):
-    with pytest.raises(fid.FIDError, match="uint8"):
+    with pytest.raises(inception.FIDError, match="uint8"):
         extractor(torch.rand(1, 3, 32, 32))
-    with pytest.raises(fid.FIDError, match="uint8"):
+    with pytest.raises(inception.FIDError, match="uint8"):
         extractor(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
 
 
@@ -175,11 +176,11 @@ def test_extractor_stays_in_eval_mode(extractor):
 def test_weights_file_with_wrong_keys_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, path)
-    with pytest.raises(fid.FIDError, match="not an FID Inception state dict"):
-        fid.InceptionFeatures(str(path))
+    with pytest.raises(inception.FIDError, match="not an FID Inception state dict"):
+        inception.InceptionFeatures(str(path))
     path.write_bytes(b"not a torch file")
-    with pytest.raises(fid.FIDError, match="not an FID Inception state dict"):
-        fid.InceptionFeatures(str(path))
+    with pytest.raises(inception.FIDError, match="not an FID Inception state dict"):
+        inception.InceptionFeatures(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class FlatFeatures(torch.nn.Module):
 def test_feature_stats_equals_numpy_mean_cov(capsys):
     images = random_images(7, size=4)
     batches = [images[:3], images[3:5], images[5:]]
-    mu, sigma, n = fid.feature_stats(batches, FlatFeatures(), progress=True, total=7)
+    mu, sigma, n = inception.feature_stats(batches, FlatFeatures(), progress=True, total=7)
     feats = images.flatten(1).double().numpy() + 1e4
     assert n == 7 and mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
@@ -204,35 +205,35 @@ def test_feature_stats_equals_numpy_mean_cov(capsys):
 
 
 def test_feature_stats_needs_two_images():
-    with pytest.raises(fid.FIDError, match="at least 2"):
-        fid.feature_stats([random_images(1, size=4)], FlatFeatures())
+    with pytest.raises(inception.FIDError, match="at least 2"):
+        inception.feature_stats([random_images(1, size=4)], FlatFeatures())
 
 
 def test_stats_round_trip_and_mode_checks(tmp_path):
     rng = np.random.default_rng(4)
     mu, sigma = rng.standard_normal(16), random_covariance(rng, 16)
     path = str(tmp_path / "stats.npz")
-    fid.save_stats(path, mu, sigma, "tf", 123, weights="ab" * 32)
+    inception.save_stats(path, mu, sigma, "tf", 123, weights="ab" * 32)
     assert os.listdir(tmp_path) == ["stats.npz"]  # the temporary file was renamed, not left behind
-    stats = fid.load_stats(path)
+    stats = inception.load_stats(path)
     np.testing.assert_array_equal(stats["mu"], mu)
     np.testing.assert_array_equal(stats["sigma"], sigma)
     assert (stats["mode"], stats["n"], stats["weights"]) == ("tf", 123, "ab" * 32)
-    fid.check_compatible(stats, path, "tf", "ab" * 32)
-    with pytest.raises(fid.FIDError, match="--mode tf"):
-        fid.check_compatible(stats, path, "pytorch-fid")
-    with pytest.raises(fid.FIDError, match="weights"):
-        fid.check_compatible(stats, path, "tf", "cd" * 32)
+    inception.check_compatible(stats, path, "tf", "ab" * 32)
+    with pytest.raises(inception.FIDError, match="--mode tf"):
+        inception.check_compatible(stats, path, "pytorch-fid")
+    with pytest.raises(inception.FIDError, match="weights"):
+        inception.check_compatible(stats, path, "tf", "cd" * 32)
     # pytorch-fid / clean-fid files hold only mu and sigma: accepted with a warning
     foreign = str(tmp_path / "cifar10_legacy_tensorflow_train_32.npz")
     np.savez(foreign, mu=mu.astype(np.float32), sigma=sigma)
-    stats = fid.load_stats(foreign)
+    stats = inception.load_stats(foreign)
     assert stats["mode"] is None and stats["n"] is None
     with pytest.warns(UserWarning, match="assuming --mode tf"):
-        fid.check_compatible(stats, foreign, "tf")
+        inception.check_compatible(stats, foreign, "tf")
     np.savez(str(tmp_path / "images.npz"), images=np.zeros((2, 4, 4, 3), np.uint8))
-    with pytest.raises(fid.FIDError, match="'mu' and 'sigma'"):
-        fid.load_stats(str(tmp_path / "images.npz"))
+    with pytest.raises(inception.FIDError, match="'mu' and 'sigma'"):
+        inception.load_stats(str(tmp_path / "images.npz"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_stats_round_trip_and_mode_checks(tmp_path):
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    return tmp_path / "hub" / "checkpoints" / fid.WEIGHTS_NAME
+    return tmp_path / "hub" / "checkpoints" / inception.WEIGHTS_NAME
 
 
 def test_user_weights_with_other_hash_warn(tmp_path):
@@ -249,17 +250,17 @@ def test_user_weights_with_other_hash_warn(tmp_path):
     path.write_bytes(b"not the standard file")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert fid.resolve_weights(str(path)) == str(path)
+        assert inception.resolve_weights(str(path)) == str(path)
     assert any("not comparable with published FIDs" in str(w.message) for w in caught)
-    with pytest.raises(fid.FIDError, match="not found"):
-        fid.resolve_weights(str(tmp_path / "missing.pth"))
+    with pytest.raises(inception.FIDError, match="not found"):
+        inception.resolve_weights(str(tmp_path / "missing.pth"))
 
 
 def test_download_with_wrong_hash_refused(hub, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda url, dst, progress=True: Path(dst).write_bytes(b"tampered"))
-    with pytest.raises(fid.FIDError, match="refusing"):
-        fid.resolve_weights(None)
+    with pytest.raises(inception.FIDError, match="refusing"):
+        inception.resolve_weights(None)
     assert os.listdir(hub.parent) == []  # nothing left in the cache
 
 
@@ -273,9 +274,9 @@ def test_download_with_right_hash_cached(hub, monkeypatch):
         Path(dst).write_bytes(content)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    assert fid.resolve_weights(None) == str(hub)
-    assert fid.resolve_weights(None) == str(hub)  # second call: from the cache, no download
-    assert calls == [fid.WEIGHTS_URL] and hub.read_bytes() == content
+    assert inception.resolve_weights(None) == str(hub)
+    assert inception.resolve_weights(None) == str(hub)  # second call: from the cache, no download
+    assert calls == [inception.WEIGHTS_URL] and hub.read_bytes() == content
 
 
 def test_cached_file_with_wrong_hash_and_offline_download_refused(hub, monkeypatch):
@@ -283,11 +284,11 @@ def test_cached_file_with_wrong_hash_and_offline_download_refused(hub, monkeypat
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(fid.FIDError, match="could not download"):
-        fid.resolve_weights(None)
+    with pytest.raises(inception.FIDError, match="could not download"):
+        inception.resolve_weights(None)
     hub.write_bytes(b"corrupt")
-    with pytest.raises(fid.FIDError, match="delete it"):
-        fid.resolve_weights(None)
+    with pytest.raises(inception.FIDError, match="delete it"):
+        inception.resolve_weights(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,12 +321,12 @@ def test_cli_ref_and_calc_on_npz_and_folder(tmp_path, weights, capsys):
     mean = float(out.split("mean FID ")[1].split()[0])
     assert mean == pytest.approx(np.mean(scores), abs=1e-4) and "std over 3 sets" in out
     # mixing modes is refused; bad inputs end with one line naming the fix
-    with pytest.raises(fid.FIDError, match=".*--mode tf"):
+    with pytest.raises(inception.FIDError, match=".*--mode tf"):
         run_cli(["calc", sets[0], "--ref", ref, "--mode", "pytorch-fid"] + common, capsys)
     np.savez(tmp_path / "float.npz", images=others.astype(np.float32))
-    with pytest.raises(fid.FIDError, match=".*expected uint8 images"):
+    with pytest.raises(inception.FIDError, match=".*expected uint8 images"):
         run_cli(["calc", str(tmp_path / "float.npz"), "--ref", ref] + common, capsys)
-    with pytest.raises(fid.FIDError, match=".*statistics file .* not found"):
+    with pytest.raises(inception.FIDError, match=".*statistics file .* not found"):
         run_cli(["calc", sets[0], "--ref", str(tmp_path / "none.npz")] + common, capsys)
 
 
@@ -344,15 +345,15 @@ def test_cli_ref_cifar10_from_fake_batches(tmp_path, weights, capsys, monkeypatc
     out_path = str(tmp_path / "cifar.npz")
     out = run_cli(["ref", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
                    "--out", out_path, "--weights", weights, "--device", "cpu"], capsys)
-    assert "n=5" in out and fid.load_stats(out_path)["n"] == 5
+    assert "n=5" in out and inception.load_stats(out_path)["n"] == 5
 
 
 def test_cli_entry_point_on_stats_files(tmp_path):
     """`python fid.py calc` as a subprocess (statistics inputs only, so no network is built)."""
     rng = np.random.default_rng(6)
     sigma = random_covariance(rng, 8)
-    fid.save_stats(str(tmp_path / "a.npz"), np.zeros(8), sigma, "tf", 10)
-    fid.save_stats(str(tmp_path / "b.npz"), np.ones(8), sigma, "tf", 10)
+    inception.save_stats(str(tmp_path / "a.npz"), np.zeros(8), sigma, "tf", 10)
+    inception.save_stats(str(tmp_path / "b.npz"), np.ones(8), sigma, "tf", 10)
     run = subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), "calc",
                           str(tmp_path / "b.npz"), "--ref", str(tmp_path / "a.npz")],
                          capture_output=True, text=True)
@@ -375,7 +376,7 @@ def test_pytorch_fid_mode_matches_pytorch_fid(weights, hub, capsys):
     x = random_images(4, seed=4)
     with torch.no_grad():
         theirs = theirs_net(x.float() / 255)[0].flatten(1)  # what ToTensor() + get_activations do
-    ours = fid.InceptionFeatures(weights, mode="pytorch-fid")(x)
+    ours = inception.InceptionFeatures(weights, mode="pytorch-fid")(x)
     abs_diff, rel_diff = max_differences(ours, theirs)
     print(f"pytorch-fid features: max abs diff {abs_diff:.3g}, relative {rel_diff:.3g}")
     assert rel_diff < 1e-5
@@ -402,4 +403,4 @@ def test_frechet_distance_matches_pytorch_fid():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sqrtm's deprecated `disp` argument
         theirs = fid_score.calculate_frechet_distance(*stats)
-    assert fid.frechet_distance(*stats) == pytest.approx(theirs, rel=1e-6)
+    assert inception.frechet_distance(*stats) == pytest.approx(theirs, rel=1e-6)

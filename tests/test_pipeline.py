@@ -12,6 +12,7 @@ import common
 import distill
 import finetune
 import sample
+import sampling
 import train_teacher
 import unet
 from conftest import FAST, ROOT, TINY_NET, load, run, tensors_equal
@@ -84,7 +85,7 @@ def test_distill_finetune_sample(teachers, tiny_data, tmp_path, kind, extra):
     cfg = ft_ckpt["config"]["net"]
     net = unet.UNet(**cfg).eval()
     net.load_state_dict(ft_ckpt["ema_gens"]["0.999"])
-    z = sample.latents(0, 0, 7, (3, 8, 8))
+    z = sampling.latents(0, 0, 7, (3, 8, 8))
     y = torch.arange(7) % 3 if kind == "cond" else None
     with torch.no_grad():
         expect = common.to_uint8(z + net(torch.zeros(7), z, y)).permute(0, 2, 3, 1).numpy()
@@ -98,7 +99,7 @@ def test_teacher_with_one_euler_step_is_the_generator_start(teachers, tmp_path):
     ckpt = load(teachers["uncond"])
     net = unet.UNet(**ckpt["config"]["net"]).eval()
     net.load_state_dict(ckpt["ema_models"]["0.999"])
-    z = sample.latents(3, 0, 5, (3, 8, 8))
+    z = sampling.latents(3, 0, 5, (3, 8, 8))
     with torch.no_grad():
         start = distill.generate(net, z)   # z + v*(0, z)
     with np.load(out) as f:
@@ -217,13 +218,13 @@ def test_help_explains_every_flag(module):
 
 @pytest.mark.filterwarnings("ignore:.*not comparable with published FIDs")
 def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path, weights):
-    import fid
-    extractor = fid.InceptionFeatures(weights, mode="tf", device="cpu")
+    import inception
+    extractor = inception.InceptionFeatures(weights, mode="tf", device="cpu")
     with np.load(tiny_data["uncond"]) as f:
         images = torch.from_numpy(f["images"][:16]).permute(0, 3, 1, 2)
-    mu, sigma, n = fid.feature_stats([images[:8], images[8:]], extractor)
+    mu, sigma, n = inception.feature_stats([images[:8], images[8:]], extractor)
     ref = tmp_path / "ref.npz"
-    fid.save_stats(ref, mu, sigma, "tf", n, extractor.weights_sha256)
+    inception.save_stats(ref, mu, sigma, "tf", n, extractor.weights_sha256)
 
     out = tmp_path / "run"
     flags = ["--fid-every", 1, "--fid-n", 6, "--fid-batch", 4, "--fid-ref", ref,
@@ -244,8 +245,8 @@ def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path
     z = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1234))
     with torch.no_grad():
         x = common.to_uint8(distill.generate(ema, z))
-    mu2, sigma2, _ = fid.feature_stats([x[:4], x[4:]], extractor)
-    assert fid.frechet_distance(mu2, sigma2, mu, sigma) == pytest.approx(best["fid"], rel=1e-6)
+    mu2, sigma2, _ = inception.feature_stats([x[:4], x[4:]], extractor)
+    assert inception.frechet_distance(mu2, sigma2, mu, sigma) == pytest.approx(best["fid"], rel=1e-6)
 
     # a wrong reference fails before training, in one line
     with pytest.raises(common.RealUIDError, match="statistics file .* not found"):
@@ -254,18 +255,18 @@ def test_in_training_fid_keeps_the_best_checkpoint(teachers, tiny_data, tmp_path
                       "--fid-every", 1, "--fid-ref", tmp_path / "nope.npz"])
 
 
-@pytest.mark.parametrize("section,script", [("## CPU quick start", "quickstart"),
-                                            ("### CPU quick start: 4x super-resolution",
-                                             "quickstart_pairs"),
-                                            ("### CPU quick start: a diffusion teacher",
-                                             "quickstart_diffusion")])
-def test_readme_quick_start_is_what_the_benchmark_measures(section, script):
-    """The figures quoted under the README's quick starts come from benchmarks/quickstart.py,
-    quickstart_pairs.py and quickstart_diffusion.py, which rerun their commands verbatim: the
-    lists must not drift apart."""
+@pytest.mark.parametrize("page,section,script", [
+    ("README.md", "## CPU quick start", "quickstart"),
+    ("docs/image_to_image.md", "## The CPU quick start: 4x super-resolution", "quickstart_pairs"),
+    ("docs/diffusion.md", "## CPU quick start: a diffusion teacher", "quickstart_diffusion")])
+def test_readme_quick_start_is_what_the_benchmark_measures(page, section, script):
+    """The figures quoted under the quick starts (the README's, and those of the image-to-image
+    and diffusion pages) come from benchmarks/quickstart.py, quickstart_pairs.py and
+    quickstart_diffusion.py, which rerun their commands verbatim: the lists must not drift
+    apart."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     module = __import__(script)
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
     block = text.split(section, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     readme = [" ".join(c.split()) for c in block.replace("\\\n", " ").splitlines()]
     readme = [c.split("#")[0].strip() for c in readme if c.strip()]

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import common
-import runs
-import players
 import distill
 import fid
+import inception
+import players
+import runs
 import sample
 import train_teacher
 import unet
@@ -225,7 +226,7 @@ def test_numeric_flags_and_defaults_fail_in_one_line(teachers, tiny_data, tmp_pa
     # an input that does not exist fails before any weights download
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: pytest.fail("tried to download"))
-    with pytest.raises(fid.FIDError, match="missing.npz is not 'cifar10'"):
+    with pytest.raises(inception.FIDError, match="missing.npz is not 'cifar10'"):
         run(fid, ["calc", tmp_path / "missing.npz", "--ref", tmp_path / "ref.npz"])
     # gamma = 1 with real data: the real-data part is linear in f
     with pytest.warns(UserWarning, match="gamma = 1"):

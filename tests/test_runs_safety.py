@@ -22,6 +22,7 @@ import coupling
 import distill
 import losses
 import sample
+import sampling
 import toy_data
 import train_teacher
 import unet
@@ -211,10 +212,10 @@ def test_denoise_evaluation_uses_the_float_sources_of_training(tmp_path, tiny_da
     tdir = tmp_path / "denoise"
     run(train_teacher, ["--data", tiny_data["uncond"], "--task", "denoise", "--out", tdir,
                         "--steps", 1, "--lr", 1e-3, "--warmup", 0, *TINY_NET, *FAST])
-    model = sample.load_model(str(tdir / "latest.pt"), "first", unet.PAPER_CONFIG)
+    model = sampling.load_model(str(tdir / "latest.pt"), "first", unet.PAPER_CONFIG)
     assert model.coupling["task"] == "denoise"
     shape, n, seed = (3, 8, 8), 16, 3
-    src, targets, _ = sample.held_out_pairs(str(tiny_data["uncond"]), model.coupling, shape, n,
+    src, targets, _ = sampling.held_out_pairs(str(tiny_data["uncond"]), model.coupling, shape, n,
                                             seed)
     images = np.load(tiny_data["uncond"])["images"][:n]
     x1 = common.from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -230,9 +231,9 @@ def test_denoise_evaluation_uses_the_float_sources_of_training(tmp_path, tiny_da
                  "--nfe", 2, "--seed", seed, "--out", out, "--device", "cpu"])
     c = model.coupling
     model.net.eval()
-    z = coupling.start(src, sample.latents(seed, 0, n, shape), c["kappa"], c["sigma"])
+    z = coupling.start(src, sampling.latents(seed, 0, n, shape), c["kappa"], c["sigma"])
     with torch.no_grad():
-        expected = common.to_uint8(sample.one_pass(model, z, None, src, 2).float())
+        expected = common.to_uint8(sampling.one_pass(model, z, None, src, 2).float())
     assert np.array_equal(np.load(out)["images"], expected.permute(0, 2, 3, 1).numpy())
 
 

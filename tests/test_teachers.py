@@ -1,4 +1,4 @@
-"""Diffusion teachers (teachers.py, SPEC section 9): the denoiser-to-velocity change of variables
+"""Diffusion teachers (teachers.py, networks.py; EDM, Karras et al. 2022, and the RealUID paper section 2.1): the denoiser-to-velocity change of variables
 against closed forms, the generator's start time, SiD as a configuration of distill.py (its
 generator gradient against SiD's formula written out), the noise-level laws, EDM's sampler, and
 the commands on an EDM pickle and on a diffusion teacher trained here."""
@@ -10,13 +10,15 @@ import pytest
 import torch
 
 import distill
-import losses
 import edm
+import losses
+import networks
+import players
 import sample
 import teachers
 import train_teacher
-import players
 from conftest import FAST, TINY_NET, load, run
+
 from flow import euler, generate, interpolate
 from test_edm import ARCHS, set_weights, write_edm_pickle
 
@@ -49,7 +51,7 @@ def test_denoiser_converted_is_the_exact_flow_field():
     """For Gaussian data the exact denoiser, through DenoiserField, is the exact flow field."""
     torch.manual_seed(0)
     mu = torch.randn(3, 4, 4, dtype=torch.float64) * 0.5
-    field = teachers.DenoiserField(GaussianDenoiser(mu, 0.7))
+    field = networks.DenoiserField(GaussianDenoiser(mu, 0.7))
     t = torch.tensor([0.0123, 0.1, 0.5, 0.9, 0.998], dtype=torch.float64)
     x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
     assert torch.allclose(field(t, x), gaussian_flow(mu, 0.7, t, x), rtol=1e-10, atol=1e-10)
@@ -84,14 +86,14 @@ def test_load_teacher_reads_an_edm_pickle_as_its_flow_field(tmp_path, label_dim)
     expected = (net(x / t_, (1 - t) / t, labels) - x) / (1 - t_)
     assert torch.allclose(v(t, x, y), expected, rtol=1e-4, atol=1e-5)
     assert v.config["kwargs"] == kwargs  # rebuilt from its config, the same network
-    rebuilt = teachers.build(v.config, v.state_dict()).eval()
+    rebuilt = networks.build_network(v.config, v.state_dict()).eval()
     assert torch.equal(rebuilt(t, x, y), v(t, x, y))
 
 
 def test_load_teacher_reads_our_flow_matching_teacher(teachers_fm):
     v = teachers.load_teacher(teachers_fm)
     ckpt = load(teachers_fm)
-    assert not teachers.is_diffusion(v) and v.coupling is None
+    assert not networks.is_diffusion(v) and v.coupling is None
     sd = ckpt["ema_models"]["0.999"]
     assert all(torch.equal(v.state_dict()[k], sd[k]) for k in sd)
     raw = teachers.load_teacher(teachers_fm, ema="raw")
@@ -109,7 +111,7 @@ def test_generator_start_time_is_sids_generator():
     """x = x_t + (1 - t_g) G(t_g, x_t), x_t = (1 - t_g) z, is D_G(sigma_init z; sigma_init);
     t_g = 0 is z + G(0, z)."""
     net, _ = small_edm()
-    G = teachers.DenoiserField(net)
+    G = networks.DenoiserField(net)
     z = torch.randn(3, 3, 8, 8)
     sigma_init = 2.5
     x = generate(G, z, t_g=1 / (1 + sigma_init))
@@ -133,9 +135,9 @@ def sid_generator_loss(teacher, fake, x_g, x0, t, alpha_sid):
 def test_sid_configuration_has_sids_generator_gradient():
     """distill.py's generator loss in the SiD configuration (alpha = beta = 1, --gen-gamma 2.4,
     --gen-weight sid, --sigma-init 2.5) has the gradient of SiD's formula."""
-    teacher = teachers.DenoiserField(small_edm(seed=0)[0]).requires_grad_(False)
-    fake = teachers.DenoiserField(small_edm(seed=1)[0]).requires_grad_(False)
-    gen = teachers.DenoiserField(small_edm(seed=2)[0]).requires_grad_(True)
+    teacher = networks.DenoiserField(small_edm(seed=0)[0]).requires_grad_(False)
+    fake = networks.DenoiserField(small_edm(seed=1)[0]).requires_grad_(False)
+    gen = networks.DenoiserField(small_edm(seed=2)[0]).requires_grad_(True)
     torch.manual_seed(7)
     for p in list(fake.parameters()) + list(gen.parameters()):  # three different networks
         p.data.add_(0.05 * torch.randn_like(p))
@@ -187,9 +189,9 @@ def test_distill_sid_command_line_has_sids_generator_gradient(tmp_path):
 
 def test_data_free_realuid_is_twice_sid_at_one_half():
     """Data-free RealUID's generator loss = 2 L_SiD(alpha = 1/2) / (1 - t)^2 per sample, and
-    General RealUID's gamma = 2 alpha_SiD (SPEC section 9)."""
-    teacher = teachers.DenoiserField(small_edm(seed=0)[0])
-    fake = teachers.DenoiserField(small_edm(seed=1)[0])
+    General RealUID's gamma = 2 alpha_SiD (Appendix A.3; Zhou et al. 2024)."""
+    teacher = networks.DenoiserField(small_edm(seed=0)[0])
+    fake = networks.DenoiserField(small_edm(seed=1)[0])
     torch.manual_seed(4)
     x_g, x0 = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
     t = torch.tensor([0.2, 0.5, 0.8])
@@ -213,7 +215,7 @@ def test_data_free_realuid_is_twice_sid_at_one_half():
 def test_edm_weighted_flow_matching_is_edms_denoising_loss():
     """train_teacher.py --param edm: weight edm_weight(t) on the FM loss of D = x_t + (1-t) v is
     EDM's lambda(sigma) |D(x1 + sigma x0; sigma) - x1|^2."""
-    v = teachers.DenoiserField(small_edm()[0])
+    v = networks.DenoiserField(small_edm()[0])
     torch.manual_seed(5)
     x1, x0 = torch.randn(4, 3, 8, 8).clamp(-1, 1), torch.randn(4, 3, 8, 8)
     t = losses.noise_levels("edm", torch.randn(4))
@@ -247,7 +249,7 @@ def test_samplers_move_gaussian_noise_to_the_gaussian_data():
     (35 evaluations) and Euler in t on the denoiser's range both land there."""
     torch.manual_seed(6)
     mu = torch.randn(3, 4, 4) * 0.5
-    field = teachers.DenoiserField(GaussianDenoiser(mu, 0.5))
+    field = networks.DenoiserField(GaussianDenoiser(mu, 0.5))
     z = torch.randn(64, 3, 4, 4, dtype=torch.float32)
     exact = mu + 0.5 * z
     def heun_error(steps):
@@ -299,7 +301,7 @@ def test_gan_head_on_a_diffusion_network():
     middle blocks), as on the U-Net: forward_head = head(features there), gradients reach the
     encoder and the head, and a head absent from the weights keeps its fresh initialisation."""
     net, _ = small_edm()
-    fake = teachers.build(teachers.edm_config(net), teachers.DenoiserField(net).state_dict(),
+    fake = networks.build_network(networks.edm_config(net), networks.DenoiserField(net).state_dict(),
                           gan_head=True).eval()  # eval: no dropout between the two passes
     t, x = torch.tensor([0.3, 0.7]), torch.randn(2, 3, 8, 8)
     seen = []
@@ -322,7 +324,7 @@ def test_a_diffusion_teacher_trained_here(tmp_path, tiny_data):
     run(train_teacher, ["--param", "edm", "--data", tiny_data["cond"], "--cond", "--steps", 2,
                         "--lr", 1e-3, "--warmup", 0, "--out", out, *TINY_NET, *FAST])
     v = teachers.load_teacher(out)
-    assert teachers.is_diffusion(v) and teachers.num_classes(v) == 3
+    assert networks.is_diffusion(v) and networks.num_classes(v) == 3
     assert isinstance(v.denoiser, edm.EDMPrecond)
     x = torch.randn(2, 3, 8, 8)
     t = torch.tensor([0.3, 0.7])
