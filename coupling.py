@@ -122,18 +122,19 @@ def add_args(p, teacher):
     return g
 
 
-def for_teacher(args, data):
-    """The coupling a teacher run trains on (None: noise to image), from --task / a pairs file."""
-    if args.task and data.has_sources:
-        common.fail(f"--data {args.data} holds pairs (a `source` array) and --task {args.task} "
+def for_teacher(task, path, source_noise, data, data_name):
+    """The coupling a teacher run trains on (None: noise to image), from --task (a built-in
+    corruption, or None) / a pairs file (`data` holds sources), on the given path."""
+    if task and data.has_sources:
+        common.fail(f"--data {data_name} holds pairs (a `source` array) and --task {task} "
                     "makes sources too: drop one of them")
-    if not args.task and not data.has_sources:
+    if not task and not data.has_sources:
         return None
-    if args.task:
-        problem = check_task(args.task, data.shape)
+    if task:
+        problem = check_task(task, data.shape)
         if problem:
             common.fail(problem)
-    return describe(args.task, args.path, args.source_noise)
+    return describe(task, path, source_noise)
 
 
 def for_student(teacher_coupling, task, data, teacher_path):

@@ -316,7 +316,8 @@ def setup(args, proc):
     compile_mode = args.compile_mode if args.compile else None
     state.gen_player, state.fake_player = (
         players.Player(net, args.lr, (0.0, 0.999), args.warmup, proc, compile_mode,
-                    fp16=args.precision == "fp16") for net in (state.gen, state.fake))
+                       fp16=args.precision == "fp16", after_step=networks.forced_weight_norm(net))
+        for net in (state.gen, state.fake))
     state.noise = players.noise_generator(device, args.seed)
 
     state.run = runs.Run(SCRIPT, proc, args.out, args.steps, runs.Intervals.of(args))

@@ -189,14 +189,24 @@ def noise_levels(law, r, t_range=(0.0, 1.0)):
     - uniform: t uniform on the teacher's range (flow matching: [0, 1]);
     - edm: EDM's training law, ln sigma ~ N(-1.2, 1.2^2) (SiD's fake model);
     - sid: SiD's generator law, sigma on EDM's rho = 7 grid between 0.002 and 80 at a position
-      uniform on [0, 0.8] from the low end (sigma from 0.002 up to about 24.4)."""
+      uniform on [0, 0.8] from the low end (sigma from 0.002 up to about 24.4); a teacher
+      defined on a narrower range of sigma (VE: from 0.02; a DDPM schedule) gets the grid
+      between its own ends, so the generator's t never leaves the teacher's range."""
     if law == "uniform":
         lo, hi = t_range
         return r if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * r
     if law == "edm":
         sigma = (-1.2 + 1.2 * r).exp()
     elif law == "sid":
-        lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+        sigma_min, sigma_max = 0.002, 80.0
+        t_lo, t_hi = t_range
+        # the teacher's ends in sigma, where they are narrower than EDM's (beyond rounding:
+        # EDM's own range [1/81, 1/1.002] keeps EDM's numbers exactly)
+        if t_hi < 1 and (1 - t_hi) / t_hi > sigma_min * (1 + 1e-9):
+            sigma_min = (1 - t_hi) / t_hi
+        if t_lo > 0 and (1 - t_lo) / t_lo < sigma_max * (1 - 1e-9):
+            sigma_max = (1 - t_lo) / t_lo
+        lo, hi = sigma_min ** (1 / 7), sigma_max ** (1 / 7)
         sigma = (hi + (1 - 0.8 * r) * (lo - hi)) ** 7
     else:
         raise ValueError(f"unknown law of t {law!r}")

@@ -10,10 +10,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-import edm
+import diffusers_teacher
+import edm2
 import unet
 from checkpoints import clean_state_dict
 from common import fail
+from net_pickles import NETWORKS as DENOISERS
 
 
 GAN_HEAD = "cls_pred_branch."  # the optional GAN head: the only keys allowed to be absent or extra
@@ -147,16 +149,17 @@ def edm_config(denoiser):
 
 
 def is_diffusion(net):
-    return isinstance(net, DenoiserField)
+    """A denoiser as a field (EDM, EDM2, a diffusers UNet), not a flow-matching network."""
+    return isinstance(net, DenoiserField) or diffusers_teacher.is_diffusers_field(net)
 
 
 def build_edm(config, sd=None, what="weights", gan_head=False):
     """A DenoiserField from edm_config's dict (and strictly loaded weights; only a GAN head may
     be absent from them: it keeps its fresh initialisation)."""
-    cls = edm.NETWORKS.get(config.get("edm"))
+    cls = DENOISERS.get(config.get("edm"))
     if cls is None:
-        fail(f"unknown EDM network {config.get('edm')!r}; expected one of "
-                    f"{', '.join(edm.NETWORKS)}")
+        fail(f"unknown EDM / EDM2 network {config.get('edm')!r}; expected one of "
+             f"{', '.join(DENOISERS)}")
     try:
         denoiser = cls(*config.get("args", ()), **config.get("kwargs", {}))
     except (TypeError, ValueError) as e:
@@ -171,7 +174,9 @@ def build_edm(config, sd=None, what="weights", gan_head=False):
 
 def build_network(config, sd=None, gan_head=False, dropout=None, what="weights"):
     """Any network of this repository from the `net` config of one of our checkpoints: the
-    U-Net (networks.build_net) or a diffusion teacher's DenoiserField."""
+    U-Net (build_net), a diffusion teacher's DenoiserField or a diffusers UNet's field."""
+    if "diffusers" in config:
+        return diffusers_teacher.build_diffusers(config, sd, gan_head, dropout, what)
     if "edm" in config:
         field = build_edm(config, sd, what, gan_head)
         dropout = config.get("dropout") if dropout is None else dropout
@@ -180,11 +185,30 @@ def build_network(config, sd=None, gan_head=False, dropout=None, what="weights")
 
 
 def set_dropout(net, p):
-    """The dropout rate of every layer of an edm.py network (they keep it as `dropout`)."""
+    """The dropout rate of every layer of an edm.py / edm2.py network (they keep it as
+    `dropout`; EDM2's blocks default to the int 0)."""
     for m in net.modules():
-        if isinstance(getattr(m, "dropout", None), float):
+        rate = getattr(m, "dropout", None)
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool):
             m.dropout = p
     return net
+
+
+def forced_weight_norm(net):
+    """EDM2's networks normalise their weights in training mode (forced weight normalisation,
+    EDM2 paper Eq. 66) by rewriting them in place inside forward, which autograd refuses when a
+    network runs twice before its backward pass (the GAN head's second pass). For a network to
+    be trained: turn that off, normalise once now, and return the function that normalises again
+    after each optimizer step (players.Player's after_step); None for networks without such
+    layers. The numbers are EDM2's: its first training pass normalises the stored weight, then
+    uses its normalisation."""
+    layers = [m for m in net.modules() if isinstance(m, edm2.MPConv)]
+    if not layers:
+        return None
+    for m in layers:
+        m.force_normalization = False
+    edm2.normalize_weights_(net)
+    return lambda: edm2.normalize_weights_(net)
 
 
 def t_range(net):
@@ -209,6 +233,8 @@ def num_classes(net):
 
 def image_shape(net):
     """(C, H, W) of the images a network works on."""
+    if diffusers_teacher.is_diffusers_field(net):
+        return tuple(net.image_shape)
     if is_diffusion(net):
         d = net.denoiser
         return (d.img_channels, d.img_resolution, d.img_resolution)

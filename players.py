@@ -282,8 +282,10 @@ class Player:
     and `step`.
     """
 
-    def __init__(self, net, lr, betas, warmup_steps, proc, compile_mode=None, fp16=False):
+    def __init__(self, net, lr, betas, warmup_steps, proc, compile_mode=None, fp16=False,
+                 after_step=None):
         self.net, self.params, self.ddp = net, list(net.parameters()), None
+        self.after_step = after_step  # restores a weight constraint (networks.forced_weight_norm)
         self.forward = net
         if proc.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -334,6 +336,8 @@ class Player:
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step()
 
 
 def add_terms(total, terms, n):
@@ -348,7 +352,7 @@ def frozen_alias(net):
     player's view of a network. Updates of `net` show through, no parameter gradients are
     computed through it, and DDP (which wraps `net`) never sees it. Make it after `net` has
     its final device and memory format (moving a module gives it new storage)."""
-    if "edm" in net.config:  # a diffusion network (networks.DenoiserField): copied, then shared
+    if "edm" in net.config or "diffusers" in net.config:  # a denoiser's field: copied, shared
         alias = copy.deepcopy(net)
     else:
         with torch.device("meta"):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import common
+import diffusers_teacher
 import networks
 import sampling
 
@@ -74,6 +75,11 @@ def build_parser():
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision of the network")
     p.add_argument("--nrow", type=common.positive_int, default=None, help="images per grid row")
+    p.add_argument("--export-diffusers", default=None, metavar="FOLDER",
+                   help="instead of sampling, write the distilled generator of a diffusers "
+                        "teacher as a diffusers UNet2DModel folder (config.json, safetensors, "
+                        "scheduler_config.json; a new folder), loadable with "
+                        "UNet2DModel.from_pretrained(FOLDER)")
     common.add_threads_arg(p)
     g = p.add_argument_group("image-to-image models (Appendix C): what to translate")
     g.add_argument("--source", default=None,
@@ -117,6 +123,15 @@ def main(args):
             common.fail(f"--out {out}: use a .npz (images for FID) or .png (grid) file name")
     device = common.pick_device(args.device)
     model = sampling.load_model(args.ckpt, args.ema, common.net_config_from_args(args))
+    if args.export_diffusers:
+        if model.kind != "distilled" or not diffusers_teacher.is_diffusers_field(model.net):
+            common.fail(f"--export-diffusers: {args.ckpt} is not a generator distilled from a "
+                        "diffusers teacher")
+        diffusers_teacher.export_diffusers_unet(model.net, args.export_diffusers, t_g=model.t_g)
+        print(f"wrote {args.export_diffusers} ({'raw' if model.ema is None else f'EMA {model.ema}'}"
+              f" weights; one step from t_g = {model.t_g:.6g}, recorded under _realuid in "
+              "config.json)")
+        return
     model.net.to(device).eval()
     shape = networks.image_shape(model.net)
     amp = common.precision_context(device, args.precision)

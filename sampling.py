@@ -11,6 +11,7 @@ import torch
 import checkpoints
 import common
 import coupling
+import diffusers_teacher
 import image_data
 import networks
 import teachers
@@ -33,7 +34,7 @@ def load_model(path, ema, fallback_cfg):
     image-to-image coupling of its config, None for noise-to-image models), `t_g` (a
     generator's start time, flow.generate) and `ckpt` (the loaded file; {} for a pickle).
     Teachers are read by teachers.load_teacher."""
-    if path.endswith(teachers.EDM_SUFFIXES):
+    if path.endswith(teachers.EDM_SUFFIXES) or diffusers_teacher.is_diffusers_folder(path):
         net = teachers.load_teacher(path)
         return argparse.Namespace(net=net, kind="teacher", ema=None, ckpt={}, coupling=None,
                                   t_g=0.0)

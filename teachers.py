@@ -6,18 +6,22 @@ x_t = t x1 + (1 - t) x0, x0 ~ N(0, I)):
   is the field itself);
 - EDM's network pickles (`edm-cifar10-32x32-{uncond,cond}-vp.pkl`, `edm-{ffhq,afhqv2}-64x64-
   uncond-vp.pkl`, `edm-imagenet-64x64-cond-adm.pkl`, the `baseline-*` VP / VE pickles and
-  `network-snapshot-*.pkl` of EDM's training loop), read by edm.py without EDM's code and
-  without executing anything from the file, and diffusion teachers trained here
-  (train_teacher.py --param edm): denoisers D(x; sigma, y), turned into flow fields by
-  networks.DenoiserField.
+  `network-snapshot-*.pkl` of EDM's training loop) and EDM2's (`edm2-img64-*.pkl`), read by
+  net_pickles.py without their code and without executing anything from the file, and
+  diffusion teachers trained here (train_teacher.py --param edm): denoisers D(x; sigma, y),
+  turned into flow fields by networks.DenoiserField;
+- diffusers folders (a UNet2DModel with a DDPM / DDIM scheduler, safetensors weights only),
+  turned into flow fields by matching signal-to-noise ratios (diffusers_teacher.py).
 
-EDM's weights are CC BY-NC-SA 4.0 (NVlabs/edm): models distilled from them inherit that license.
+EDM's and EDM2's weights are CC BY-NC-SA 4.0 (NVlabs/edm, NVlabs/edm2): models distilled from
+them inherit that license. google/ddpm-* weights are Apache-2.0.
 """
 import math
 
 import torch
 
 import checkpoints
+import diffusers_teacher
 import net_pickles
 import networks
 import unet
@@ -41,6 +45,9 @@ def load_teacher(path, ema=None, device="cpu", fallback=None):
     if path.endswith(EDM_SUFFIXES):  # EDM keeps one network, its EMA, under `ema`: `ema` n/a
         net = networks.DenoiserField(net_pickles.load_edm_network(path))
         net.coupling = None
+        return net.to(device).eval().requires_grad_(False)
+    if diffusers_teacher.is_diffusers_folder(path):  # a run folder has no config.json
+        net = diffusers_teacher.load_diffusers_teacher(path)
         return net.to(device).eval().requires_grad_(False)
     ckpt = checkpoints.load_checkpoint(path, "teacher checkpoint")  # a run folder: its latest.pt
     return teacher_from_checkpoint(ckpt, path, ema, fallback).to(device)

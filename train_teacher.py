@@ -101,7 +101,8 @@ def setup(args, proc):
     common.configure_backends(device, args.precision, args.deterministic)
     state = argparse.Namespace(proc=proc, device=device)
     data = image_data.open_data(args.data, args.data_root, args.image_size)
-    state.coupling = coupling.for_teacher(args, data)
+    state.coupling = coupling.for_teacher(args.task, args.path, args.source_noise, data,
+                                          args.data)
     if state.coupling and args.fid_every:
         common.fail("--fid-every scores noise-to-image models; score an image-to-image "
                     "teacher with `python eval_pairs.py` instead")

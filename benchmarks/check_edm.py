@@ -88,7 +88,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     networks = os.path.join(args.edm_src or "", "training", "networks.py")
     if not args.compare and not os.path.isfile(networks):
-        parser.error("--edm-src must name a checkout of NVlabs/edm (with training/networks.py)")
+        parser.error("--edm-src must name a checkout of NVlabs/edm (with training/networks.py): "
+                     "git clone https://github.com/NVlabs/edm DIR, then --edm-src DIR")
     return args
 
 

@@ -89,3 +89,16 @@ def test_init_from_keeps_its_start(tmp_path, edm_pickle, tiny_data, teachers):
         run(distill, ["--teacher", teachers["uncond"], "--init-from", tmp_path / "fm",
                       "--init-ema", "none", "--sigma-init", 2.5, "--out", tmp_path / "bad2",
                       *common])
+
+
+def test_sids_generator_law_stays_inside_a_ve_teachers_range(tmp_path):
+    """A VE teacher (sigma from 0.02: t up to 0.980) was queried by SiD's law up to t = 0.998."""
+    from test_edm import build, write_edm_pickle as write
+    net, kwargs = build("VEPrecond", "ddpmpp", 0)
+    path = tmp_path / "baseline-ve.pkl"
+    write(path, net, kwargs)
+    args, state = setup(tmp_path, "--teacher", path, "--recipe", "sid", "--batch-size", 64)
+    t_min, t_max = state.t_range
+    assert args.gen_t == "sid" and t_max == pytest.approx(1 / 1.02)
+    t = torch.cat([distill.draw(state, args, args.gen_t)["t"] for _ in range(16)])
+    assert t.max() <= t_max + 1e-7 and t.max() > t_max - 0.01  # the grid reaches the end

@@ -4,6 +4,7 @@ cannot be downloaded in CI), weights-hash handling, statistics files and the com
 When pytorch-fid / torch-fidelity are importable (PYTHONPATH=/opt/ref), the features and the
 distance are also compared with theirs on the same random weights."""
 
+import hashlib
 import os
 import pickle
 import subprocess
@@ -266,7 +267,7 @@ def test_download_with_wrong_hash_refused(hub, monkeypatch):
 
 def test_download_with_right_hash_cached(hub, monkeypatch):
     content = b"pretend weights"
-    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", fid.hashlib.sha256(content).hexdigest()[:8])
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", hashlib.sha256(content).hexdigest()[:8])
     calls = []
 
     def fake_download(url, dst, progress=True):
