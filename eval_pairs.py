@@ -12,7 +12,10 @@ denoise), or a held-out pairs .npz (`source`, `images`). Noise-to-image models a
 import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import contextlib
 import json
+import os
 
+
+import run_folder
 import common
 import coupling
 import inception
@@ -61,6 +64,9 @@ def score_pairs(args, device):
     held-out targets (rewards realistic, diverse outputs) and, when the Inception weights are
     here (--weights or the torch hub cache; never downloaded), the FID of the outputs against
     the held-out targets. Every model translates the same sources with the same noise."""
+    if args.out:  # before any work: never over a checkpoint or a file of another kind
+        run_folder.check_output_file(args.out, "--out", is_results_file,
+                                      "an eval_pairs.py results file (JSON with `scores`)")
     model = sampling.load_model(args.ckpt, "first" if args.ema is None else args.ema,
                               unet.PAPER_CONFIG)
     if not model.coupling:
@@ -122,10 +128,36 @@ def score_pairs(args, device):
         report = {"ckpt": args.ckpt, "teacher": teacher_path, "data": args.data, "n": len(src),
                   "nfe": args.nfe, "coupling": model.coupling, "seed": args.seed,
                   "fid_weights": weights, "scores": table}
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_results(args.out, report)
         print(f"wrote {args.out}")
     return table
+
+
+def is_results_file(path):
+    """Whether `path` is a table this command wrote (JSON with `ckpt` and `scores`), which
+    --out may replace; read only if small (a table is a few KB)."""
+    try:
+        if os.path.getsize(path) > 10 * 2**20:
+            return False
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"ckpt", "scores"} <= set(report)
+
+
+def write_results(path, report):
+    """The JSON table, written atomically (a temporary file in the same folder, then
+    os.replace): an interrupted write never leaves half a table under `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 if __name__ == "__main__":

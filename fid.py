@@ -27,10 +27,13 @@ eval_pairs.py scores image-to-image models.
 import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import os
 import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+
+import run_folder
 import common
 import image_data
 import inception
@@ -136,7 +139,20 @@ def _stats_of_images(source, extractor, args):
                          total=len(images))
 
 
+def is_stats_npz(path):
+    """Whether `path` is a statistics file (`fid.py ref`'s, pytorch-fid's, clean-fid's: an
+    .npz with mu and sigma), which `ref --out` may replace; only the zip directory is read."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {"mu.npy", "sigma.npy"} <= set(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return False
+
+
 def main(args):
+    if args.command == "ref":  # before any work: never over a checkpoint or another file
+        run_folder.check_output_file(args.out, "--out", is_stats_npz,
+                                      "a statistics file (.npz with mu and sigma)")
     device = common.pick_device(args.device).type
     for source in ([args.data] if args.command == "ref" else args.samples):
         check_source(source)

@@ -5,11 +5,12 @@ them [-1, 1] floats on the device), with a content fingerprint that a resumed ru
 import hashlib
 import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from common import fail
+from common import Interrupted, fail
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -68,13 +69,17 @@ class ImageData:
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Image files below `root`, center-cropped and resized to `size`; class = sub-folder name."""
+    """Image files below `root`, center-cropped and resized to `size`; class = sub-folder name.
+    Every file is read once when the folder is opened (check_images): one unreadable image
+    would otherwise end the run with the data loader's traceback when a batch first draws it,
+    hours in."""
 
     def __init__(self, root, size):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                        if f.lower().endswith(IMAGE_SUFFIXES))
         if not files:
             fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        check_images(files, root, size)
         classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
         self.files, self.size, self.root = files, size, root
         self.labels = None
@@ -98,6 +103,43 @@ class FolderImages(torch.utils.data.Dataset):
                 im = im.resize((self.size, self.size), Image.BICUBIC)
             x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
         return x, (-1 if self.labels is None else int(self.labels[i]))
+
+
+def unreadable_image(path, size=None):
+    """Why PIL cannot read `path` as an RGB image (None if it can): its structure and
+    checksums (verify: every PNG chunk's CRC, without decoding), then a decode, as
+    FolderImages.__getitem__ does it (a truncated JPEG passes verify and fails here); a JPEG
+    is decoded at about `size` (draft: DCT scaling, a few times cheaper, the same data read)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:  # verify() leaves the image unusable: open it again
+            if size:
+                im.draft("RGB", (size, size))
+            im.convert("RGB").load()
+    except Interrupted:
+        raise
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+        return f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
+    return None
+
+
+def check_images(files, root, size=None):
+    """Refuse, in one line, a folder with images that cannot be read, naming the first and how
+    many. Decoding runs in threads (PIL releases the GIL); for the folder sizes of image data
+    sets (CIFAR-10's 50,000 32x32 PNGs) it costs seconds, once per run."""
+    pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+    try:
+        reasons = list(pool.map(lambda f: unreadable_image(f, size), files))
+    finally:  # on a Ctrl-C, the files not yet started are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
+    bad = [(f, why) for f, why in zip(files, reasons) if why]
+    if bad:
+        first, why = bad[0]
+        more = f" (and {len(bad) - 1} more of the {len(files)})" if len(bad) > 1 else ""
+        fail(f"image folder {root}: cannot read {os.path.relpath(first, root)}{more} ({why}); "
+             "remove or replace the unreadable files")
 
 
 def read_npz_images(path):
@@ -136,6 +178,8 @@ def open_data(data, root, image_size):
         from torchvision.datasets import CIFAR10
         try:
             ds = CIFAR10(root, train=True, download=True)
+        except Interrupted:  # a SIGTERM during the download or extraction is a stop
+            raise
         except Exception as e:  # no network, a broken archive, ...
             fail(f"cannot load CIFAR-10 into {root} ({e}); check the network or --data-root")
         images, labels = np.asarray(ds.data), np.asarray(ds.targets)

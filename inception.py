@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torchvision.models.inception import (BasicConv2d, InceptionA, InceptionB, InceptionC,
                                           InceptionD, InceptionE)
 
+import checkpoints
 import common
 
 
@@ -274,6 +275,7 @@ class InceptionFeatures(nn.Module):
         with torch.device("meta"):  # no random initialisation: every tensor comes from the file
             self.net = FIDInceptionV3()
         try:
+            checkpoints.check_zip_records(self.weights_path, "Inception weights")
             state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
             self.net.load_state_dict(state, strict=True, assign=True)
         except Exception as e:  # unpickling errors, missing/unexpected keys, wrong shapes

@@ -3,10 +3,14 @@ grids, latest.pt written atomically, best.pt), its status lines, the in-training
 SIGTERM (finish the step, save, exit), the flags of a run and the rules of --resume (which
 flags may change, that the teacher and the data are the same ones).
 
+A run folder has one writer at a time (<out>/.lock, take_lock), and no command overwrites a
+checkpoint with an older state: a fresh run refuses a folder that holds checkpoints, a resume
+from an older checkpoint of a folder refuses to write there (check_no_newer_state).
+
 Sampling and FID never import this module; the optimisation
 machinery (processes, noise, batches, players) is players.py's.
 """
-import contextlib
+import argparse
 import dataclasses
 import datetime
 import json
@@ -21,8 +25,12 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import checkpoint_kind, load_checkpoint, save_checkpoint
-from common import (Interrupted, _number, add_threads_arg, count, decay, fail, given_flags,
-                    json_safe, nonnegative_float, peak_memory_mb, positive_float, positive_int)
+from run_folder import (check_no_newer_state, check_not_in_use, check_out, check_saved_args_size,
+                        holds_run, note_newer_crash, release_lock, remove_stale_temporaries,
+                        resume_path, run_checkpoints, take_lock)
+from common import (Interrupted, RealUIDError, _number, add_threads_arg, count, decay, fail,
+                    given_flags, json_safe, nonnegative_float, peak_memory_mb, positive_float,
+                    positive_int)
 
 
 def describe_data(data):
@@ -168,7 +176,10 @@ class Run:
     - stop: SIGINT / SIGTERM ask the run to finish its current step, save and exit with
       128 + the signal number; a second signal (more than a second later: torchrun and
       schedulers forward one signal twice) stops at once, without saving.
-    Use as a context manager around the training loop (it installs the signal handlers).
+    - an error that ends the loop (any exception but a stop by signal, Interrupted) keeps the
+      steps done since the last save, unless the state is not finite: see `_save_on_error`.
+    Use as a context manager around the training loop (it installs the signal handlers, and
+    releases the folder's lock that start_run took).
     """
 
     def __init__(self, script, proc, out, steps, every):
@@ -176,11 +187,16 @@ class Run:
         self.check = FiniteCheck()
         self.resumed_at(0, 0.0, math.inf, saved=False)
         self.signal, self.signal_time, self.previous = None, None, {}
+        # end_step's save(name), kept for a save when an error ends the run, and whether a
+        # save is under way (one that failed is not tried again)
+        self.save_fn, self.saving = None, False
 
     def resumed_at(self, step, elapsed, best_fid, saved=True):
         """Continue from a checkpoint's step, training time and best in-training FID (saved:
         whether <out>/latest.pt holds that step)."""
-        self.step = self.start_step = step
+        # `completed`: the last step whose updates are all done (end_step sets it), so that
+        # the state in memory is the state after that step when self.step equals it
+        self.step = self.start_step = self.completed = step
         self.last_saved = step if saved else None
         self.best_fid = best_fid
         self.log = RunLog(self.out, self.steps, step, elapsed, enabled=self.proc.main)
@@ -193,10 +209,76 @@ class Run:
                 self.previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc is not None:  # still under the run's signal handlers: a Ctrl-C waits
+                self._save_on_error(exc)
+        finally:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            if self.proc.main:
+                release_lock(self.out)
         return False
+
+    def _save_on_error(self, exc):
+        """An error ended the loop (a data file gone, out of memory, a sample grid or an
+        in-training FID that failed): save what was done since the last save, instead of
+        losing it. Not for a stop by signal (Interrupted): it has saved already, or was asked
+        to stop unsaved. Never a non-finite state: the FiniteCheck is run first (a NaN loss,
+        itself a RealUIDError, is refused again here; other RealUIDErrors, an FID that cannot
+        be computed say, do save). Not when the failing call was a save (it would fail
+        again), nor with several processes (saving gathers from all of them, and the others
+        may be waiting elsewhere).
+        After a whole step (the error came in end_step: logging, grids, FID) the state is the
+        run's at that step, written as latest.pt. In the middle of a step, part of its updates
+        are applied: that state is no step of the run, so latest.pt is kept and it is written
+        as crash.pt, labelled with the last whole step (a resume of it redoes that step)."""
+        if not isinstance(exc, Exception) or isinstance(exc, Interrupted):
+            return
+        done = self.completed
+        since = self.last_saved if self.last_saved is not None else self.start_step
+        if self.save_fn is None or self.saving or done <= since:
+            return
+        what = f"{type(exc).__name__} ended the run"
+        if self.proc.world > 1:
+            if self.proc.main:
+                print(f"note: {what}; not saved (with {self.proc.world} processes a save needs "
+                      "all of them)", file=sys.stderr, flush=True)
+            return
+        try:
+            self.check.check(self.proc, self.out, self.last_saved)
+        except RealUIDError as e:
+            if str(e) != str(exc):  # a NaN that ended the run says so itself
+                print(f"note: {what}; not saved: {e}", file=sys.stderr, flush=True)
+            return
+        whole = self.step == done
+        name = "latest.pt" if whole else "crash.pt"
+        step, self.step = self.step, done  # the step the checkpoint is labelled with
+        try:
+            self._write(self.save_fn, name)
+        except Exception as e:
+            print(f"note: {what}; saving {self.out}/{name} failed too ({type(e).__name__}: "
+                  f"{e})", file=sys.stderr, flush=True)
+            return
+        finally:
+            self.step = step
+        if whole:
+            self.last_saved = done
+            print(f"note: {what} after step {done}; saved {self.out}/latest.pt (step {done}); "
+                  f"continue with: python {self.script} --resume {self.out}",
+                  file=sys.stderr, flush=True)
+        else:
+            kept = (f"{self.out}/latest.pt stays at step {self.last_saved}"
+                    if self.last_saved is not None else "no latest.pt was written")
+            print(f"note: {what} during step {done + 1}, part of whose updates were applied: "
+                  f"{kept}; that state is saved as {self.out}/crash.pt (labelled step {done}); "
+                  f"continue from it with: python {self.script} --resume {self.out}/crash.pt "
+                  "(close to, not exactly, the uninterrupted run)", file=sys.stderr, flush=True)
+
+    def _write(self, save, name):
+        self.saving = True
+        save(name)
+        self.saving = False
 
     def _on_signal(self, signum, frame):
         name = signal.Signals(signum).name
@@ -235,6 +317,7 @@ class Run:
         grids (main process), save(name) writes <out>/name; fid is None or
         (InTrainingFID or None off the main process, sample(z, y), the model's label)."""
         step, proc = self.step, self.proc
+        self.completed, self.save_fn = step, save  # the step's updates are all done
         do_log, do_save, stop = self.due(step)
         if do_log:
             self.check.check(proc, self.out, self.last_saved)
@@ -251,7 +334,7 @@ class Run:
             self.evaluate_fid(*fid, save)
         if do_save:
             self.check.check(proc, self.out, self.last_saved)
-            save("latest.pt")
+            self._write(save, "latest.pt")
             self.last_saved = step
         if stop:
             proc.close()
@@ -270,7 +353,7 @@ class Run:
                   f"{score:.3f}" + (" (best so far: <out>/best.pt)" if best else ""), flush=True)
         if best:
             self.best_fid = score
-            save("best.pt")
+            self._write(save, "best.pt")
 
     def stopped(self, step):
         """The exception that ends a run stopped by a signal (after its checkpoint is saved)."""
@@ -291,13 +374,25 @@ def _fmt(v):
 
 
 def start_run(out, args, proc, fresh):
-    """Create <out> and write args.json (the flags as a dict), once setup has succeeded (a run
-    that fails on its inputs leaves no empty folder behind). A fresh run in a folder left by an
-    attempt that never saved a checkpoint (stopped during set-up, say) starts its
-    metrics.jsonl anew: that attempt cannot be resumed, and its records would mix with these."""
+    """Create <out>, take its lock (one run per folder, see take_lock), remove the temporary
+    files of saves that a kill -9 interrupted, and write args.json (the flags as a dict), once
+    setup has succeeded (a run that fails on its inputs leaves no empty folder behind). A
+    fresh run in a folder left by an attempt that never saved a checkpoint (stopped during
+    set-up, say) starts its metrics.jsonl anew: that attempt cannot be resumed, and its
+    records would mix with these. Only the main process writes."""
     if not proc.main:
         return
     os.makedirs(out, exist_ok=True)
+    take_lock(out)
+    found = run_checkpoints(out) if fresh else []
+    if found:  # saved by another run since parse_run_args looked (it held the lock then)
+        release_lock(out)
+        fail(f"--out {out} now holds checkpoints of another run ({', '.join(found)}); pass "
+             "another --out")
+    removed, size = remove_stale_temporaries(out)
+    if removed:
+        print(f"note: removed {removed} temporary file(s) of interrupted saves from {out} "
+              f"({size / 2**20:.1f} MB)", flush=True)
     metrics = os.path.join(out, "metrics.jsonl")
     if fresh and os.path.exists(metrics):
         os.replace(metrics, metrics + ".unsaved-attempt")
@@ -408,43 +503,59 @@ RESUMABLE = {"steps", "out", "resume", "device", "workers", "data_root", "log_ev
              "init_from", "sample_nfe"}
 
 
-def resume_path(resume, out):
-    """The checkpoint of --resume: a file, a run folder's latest.pt, or <out>/latest.pt."""
-    path = os.path.join(out, "latest.pt") if resume == "latest" else resume
-    if os.path.isdir(path):
-        path = os.path.join(path, "latest.pt")
-    if not os.path.isfile(path):
-        fail(f"--resume: {path} not found; start without --resume or give a run folder or "
-             "checkpoint file")
-    return path
+def restored_value(action, value, path):
+    """A flag's saved value, checked as if it had been typed: through its action's type and
+    choices (and arity), so that a restored flag can hold nothing its parser would refuse.
+    The saved value is returned unchanged when the parser reads it back as an equal value
+    (every value this code saves); a value given as text of another type (a number saved as
+    "5") comes back as typed."""
+    flag = action.option_strings[0] if action.option_strings else action.dest
 
+    def refuse(why):
+        fail(f"--resume {path}: its saved {flag} {why}; its flags were not written by this "
+             "code (or were edited): start a new run from its weights with --init-from instead")
 
-def holds_run(folder):
-    """Whether a folder holds (part of) a run: a checkpoint, its flags or its metrics."""
-    return any(os.path.exists(os.path.join(folder, f))
-               for f in ("latest.pt", "args.json", "metrics.jsonl"))
+    def typed(item):
+        if isinstance(item, str) and "\0" in item:
+            refuse("holds a NUL character, which no command line can")
+        if item is None:
+            if action.default is None:
+                return None  # left open, as without the flag
+            try:
+                if action.type is not None and action.type("none") is None:
+                    return None  # e.g. --teacher-ema none
+            except (argparse.ArgumentTypeError, TypeError, ValueError):
+                pass
+            refuse("is empty (None), which the flag cannot be")
+        if isinstance(item, (list, tuple)):  # a type that reads a list: --channel-mult 1,2,2
+            if action.type is None or any(isinstance(v, (bool, list, tuple)) for v in item):
+                refuse(f"is a list ({_flag_text(item)[:60]}), not a single value")
+            text = ",".join(map(str, item))
+        else:
+            text = str(item)
+        try:
+            result = action.type(text) if action.type is not None else text
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            refuse(f"is {text[:60]!r}, which the flag refuses ({e})")
+        if action.choices is not None and result not in action.choices:
+            refuse(f"is {text[:60]!r}, not one of {', '.join(map(str, action.choices))}")
+        return item if result == item else result
 
-
-def check_out(out):
-    """--out must be a folder that can be made here; checked before any work, leaving nothing
-    behind (the run creates it once its set-up has succeeded)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--out {out} is a file, not a folder; pass a folder for the run")
-    missing, parent = [], os.path.abspath(out)
-    while not os.path.exists(parent):
-        missing.append(parent)
-        parent = os.path.dirname(parent)
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"--out {out} cannot be written ({e.strerror}); pass a folder you can write to")
-    finally:
-        for folder in missing:  # deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse._StoreConstAction)):
+        if not any(type(value) is type(v) and value == v for v in (action.default, action.const)):
+            refuse(f"is {str(value)[:60]!r}, not {action.const!r} or {action.default!r}")
+        return value
+    if not isinstance(action, argparse._StoreAction):
+        return value  # no such flag in our parsers; check_saved_args_size bounded it
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 1:
+        if not isinstance(value, (list, tuple)):
+            refuse(f"is {value!r}, not a list of values")
+        if action.nargs == "+" and not value or \
+                isinstance(action.nargs, int) and len(value) != action.nargs:
+            refuse(f"has {len(value)} values")
+        return [typed(v) for v in value]
+    return typed(value)
 
 
 KINDS = {"teacher": "train_teacher.py", "distilled": "distill.py (or finetune.py)"}
@@ -452,12 +563,15 @@ KINDS = {"teacher": "train_teacher.py", "distilled": "distill.py (or finetune.py
 
 def parse_run_args(parser, argv, script, init_hint, kind):
     """A training script's flags. With --resume, the run's own flags are restored from its
-    checkpoint: flags given on the command line must be RESUMABLE or equal the saved ones.
-    Sets args.resume to the checkpoint path (None without --resume) and args.from_authors for
-    the authors' files, which carry no flags (all then come from the command line). A resumed
-    run writes where it lives, or into an --out that holds no run. Without --resume, an --out
-    that already holds a run is refused: a repeated command never overwrites the checkpoint it
-    could have resumed. `kind` is the checkpoint kind the script makes ("teacher" or
+    checkpoint: flags given on the command line must be RESUMABLE or equal the saved ones;
+    restored ones are checked as if typed (restored_value) and bounded in size. Sets
+    args.resume to the checkpoint path (None without --resume) and args.from_authors for the
+    authors' files, which carry no flags (all then come from the command line). A resumed run
+    writes where it lives, unless that folder holds a newer state than the checkpoint
+    (check_no_newer_state), or into an --out that holds no run. Without --resume, an --out that
+    already holds a run's checkpoints is refused: a repeated command never overwrites the
+    checkpoint it could have resumed. A folder another running process writes to (its .lock)
+    is refused either way. `kind` is the checkpoint kind the script makes ("teacher" or
     "distilled")."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if any(a == "--resume" or a.startswith("--resume=") for a in argv):
@@ -467,19 +581,29 @@ def parse_run_args(parser, argv, script, init_hint, kind):
     args.from_authors = False
     if args.resume is None:
         check_out(args.out)
+        check_not_in_use(args.out)  # first: a live run's folder is in use, whatever it holds
         if os.path.exists(os.path.join(args.out, "latest.pt")):  # never overwrite a run
             fail(f"--out {args.out} already holds a run (latest.pt); continue it with "
                  f"`python {script} --resume {args.out}`, or pass another --out (delete the "
                  "folder to start that run over)")
+        found = run_checkpoints(args.out)
+        if found:  # no latest.pt, but a new run would still overwrite these
+            fail(f"--out {args.out} holds checkpoints of a run ({', '.join(found)}); a new run "
+                 "would overwrite them: pass another --out (delete the folder to start over)")
         return args
     given = given_flags(parser, argv)
     path = resume_path(args.resume, args.out)
     ckpt = load_checkpoint(path, "resume checkpoint", mmap=True)
-    found = ckpt.get("config", {}).get("kind") or checkpoint_kind(ckpt)
+    config = ckpt.get("config", {})
+    if not isinstance(config, dict):
+        fail(f"--resume {path}: its `config` is a {type(config).__name__}, not a record; "
+             "start a new run from its weights with --init-from instead")
+    found = config.get("kind") or checkpoint_kind(ckpt)
     if found != kind and found in KINDS:
         fail(f"--resume {path} is a {found} run, made by {KINDS[found]}; resume it with that "
              f"script: python {KINDS[found].split()[0]} --resume {path}")
-    saved = ckpt.get("config", {}).get("args")
+    saved = config.get("args")
+    step = ckpt.get("step") if isinstance(ckpt.get("step"), int) else None
     args.resume = path
     home = os.path.dirname(path) or "."
     if "out" in given and os.path.abspath(args.out) != os.path.abspath(home):
@@ -492,16 +616,26 @@ def parse_run_args(parser, argv, script, init_hint, kind):
             fail(f"--out {args.out} (the default) holds another run; continuing {path}, a file "
                  "without a run folder, needs a new --out")
         check_out(args.out)
+        check_not_in_use(args.out)
+        if os.path.abspath(args.out) == os.path.abspath(home):
+            check_no_newer_state(path, step, home, script)
         args.from_authors = True
         return args
+    check_saved_args_size(saved, path)
     if "out" not in given:
         args.out = home
+    check_not_in_use(args.out)
+    if os.path.abspath(args.out) == os.path.abspath(home):
+        check_no_newer_state(path, step, home, script)
+        note_newer_crash(path, step, home, script)
+    actions = {a.dest: a for a in parser._actions}
     differ = []
     for key, value in vars(args).items():
         if key not in saved or key in ("out", "resume", "from_authors"):
             continue
         if key not in given:
-            setattr(args, key, saved[key])
+            setattr(args, key, restored_value(actions[key], saved[key], path)
+                    if key in actions else saved[key])
         elif key not in RESUMABLE and json_safe(value) != saved[key]:
             differ.append(f"--{key.replace('_', '-')} {_flag_text(value)} (the run: "
                           f"{_flag_text(saved[key])})")

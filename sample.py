@@ -24,6 +24,7 @@ kappa s + sigma_s eps (coupling.py) with eps the noise of (--seed, i).
 """
 import startup  # noqa: F401  (first: Ctrl-C works while torch loads)
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ import torch
 import common
 import diffusers_teacher
 import networks
+import run_folder
 import sampling
 
 
@@ -107,6 +109,19 @@ def parse_args(argv=None):
     return args
 
 
+def is_samples_file(path):
+    """Whether `path` is what sample.py writes, which a new run may replace: a PNG, or an .npz
+    whose arrays are `images` (and labels / sources); only the zip directory is read."""
+    if path.endswith(".png"):
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "images.npy" in z.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return False
+
+
 def write_npz(path, **arrays):
     """uint8 NCHW tensors as NHWC arrays (labels as they are), written atomically."""
     arrays = {k: (v.permute(0, 2, 3, 1) if v.dim() == 4 else v).numpy()
@@ -121,6 +136,9 @@ def main(args):
     for out in args.out:
         if not out.endswith((".npz", ".png")):
             common.fail(f"--out {out}: use a .npz (images for FID) or .png (grid) file name")
+        # never over a checkpoint or another command's file: only samples this command wrote
+        run_folder.check_output_file(out, "--out", is_samples_file,
+                                     "a samples .npz or grid .png of sample.py")
     device = common.pick_device(args.device)
     model = sampling.load_model(args.ckpt, args.ema, common.net_config_from_args(args))
     if args.export_diffusers:
