@@ -70,6 +70,7 @@ import tempfile
 import torch
 
 import common
+from gan_head import bottleneck_logits, discriminator_head
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -277,12 +278,7 @@ class DiffusersField(torch.nn.Module):
             if unet.mid_block is None:
                 common.fail("this UNet2DModel has no middle block (mid_block_type null), where "
                             "the GAN head reads the bottleneck; distill it without the GAN terms")
-            c = ucfg["block_out_channels"][-1]
-            g = math.gcd(32, max(c // 4, 1))  # GroupNorm(32), >= 4 channels a group
-            self.cls_pred_branch = torch.nn.Sequential(
-                torch.nn.Conv2d(c, c, 2, stride=2), torch.nn.GroupNorm(g, c), torch.nn.SiLU(),
-                torch.nn.Conv2d(c, c, 2, stride=2), torch.nn.GroupNorm(g, c), torch.nn.SiLU(),
-                torch.nn.Conv2d(c, 1, 1))
+            self.cls_pred_branch = discriminator_head(ucfg["block_out_channels"][-1])
 
     def _table(self, like):
         """The log-SNR table on `like`'s device and dtype (cached: no copy per call)."""
@@ -322,20 +318,7 @@ class DiffusersField(torch.nn.Module):
     def forward_head(self, t, x, y=None, s=None):
         """GAN discriminator logits from the bottleneck (the UNet's mid_block output), as the
         repository's U-Net: the network runs up to there (a hook stops it)."""
-        def stop(module, inputs, output):
-            raise _Bottleneck(output)
-        handle = self.unet.mid_block.register_forward_hook(stop)
-        try:
-            self(t, x, y)
-        except _Bottleneck as b:
-            return self.cls_pred_branch(b.args[0].float())
-        finally:
-            handle.remove()
-        raise RuntimeError("the network never reached its middle block")
-
-
-class _Bottleneck(Exception):
-    """Carries the bottleneck features out of a forward pass (DiffusersField.forward_head)."""
+        return bottleneck_logits(self, self.unet.mid_block, self.cls_pred_branch, t, x, y)
 
 
 def unet_config(unet):

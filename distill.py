@@ -39,8 +39,8 @@ import authors
 import checkpoints
 import common
 import coupling
-import inception
 import image_data
+import inception
 import networks
 import players
 import recipes
@@ -287,6 +287,9 @@ def setup(args, proc):
     state.gen = networks.build_network(cfg, gen_sd, what="generator weights").to(device)
     state.fake = networks.build_network(cfg, fake_sd, gan_head=state.gan,
                                 what="fake-model weights").to(device)
+    for net in (state.teacher, state.gen, state.fake):  # an fp16 pickle: float16 only if asked
+        if isinstance(net, networks.DenoiserField):
+            net.set_fp16(args.precision == "fp16")
     state.emas = {checkpoints.ema_key(decay): copy.deepcopy(state.gen).requires_grad_(False).eval()
                   for decay in args.ema}
     players.seed_dropout(args.seed, proc.rank)

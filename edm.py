@@ -167,10 +167,13 @@ class UNetBlock(torch.nn.Module):
         # channels laid out as [head, channel, (q, k, v)]: the order the pickled qkv weights assume
         q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3,
                                                   height * width).unbind(2)
-        # logits and softmax in float32 even under fp16 (they overflow in half precision)
-        logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32),
-                              (k / math.sqrt(k.shape[1])).to(torch.float32))
-        weights = logits.softmax(dim=2).to(q.dtype)
+        # logits and softmax in float32 even under fp16 (they overflow in half precision) and
+        # under autocast, which would otherwise run the einsum in bf16 / fp16 whatever its
+        # inputs: autocast is off for these two steps (their backward runs in float32 too)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32),
+                                  (k / math.sqrt(k.shape[1])).to(torch.float32))
+            weights = logits.softmax(dim=2).to(q.dtype)
         mixed = torch.einsum("nqk,nck->ncq", weights, v)
         return self.proj(mixed.reshape(n, c, height, width)).add_(x)
 

@@ -15,6 +15,7 @@ import edm2
 import unet
 from checkpoints import clean_state_dict
 from common import fail
+from gan_head import bottleneck_logits, discriminator_head
 from net_pickles import NETWORKS as DENOISERS
 
 
@@ -87,23 +88,43 @@ class DenoiserField(torch.nn.Module):
 
     The conversion runs in float32 at least (it divides by t and by 1 - t; EDM's networks
     compute in float32 anyway); the field returns the input's dtype.
+
+    A network trained with augmentation labels (EDM's CIFAR-10, FFHQ and AFHQ pickles:
+    augment_dim 9) is given all-zero ones, "no augmentation", as SiD does: its map_augment
+    layer (bias-free) then adds exactly zero to the embedding, so D is what EDM's forward
+    without augment_labels gives, and its weight takes part in every forward pass and receives
+    a (zero) gradient, as DistributedDataParallel needs of every parameter.
     """
 
     def __init__(self, denoiser, gan_head=False):
         super().__init__()
         self.denoiser = denoiser
         self.label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+        augment = getattr(getattr(denoiser, "model", None), "map_augment", None)
+        self.augment_dim = int(augment.in_features) if augment is not None else 0
         sigma_min = max(float(getattr(denoiser, "sigma_min", 0.0) or 0.0), SIGMA_RANGE[0])
         sigma_max = min(float(getattr(denoiser, "sigma_max", math.inf)), SIGMA_RANGE[1])
         self.t_min, self.t_max = 1 / (1 + sigma_max), 1 / (1 + sigma_min)
         self.config = edm_config(denoiser)
         if gan_head:  # the GAN baseline's discriminator on the bottleneck (eqs. 7-9, Appendix D)
-            c = self._middle().out_channels
-            g = math.gcd(32, max(c // 4, 1))  # GroupNorm(32), >= 4 channels a group
-            self.cls_pred_branch = torch.nn.Sequential(
-                torch.nn.Conv2d(c, c, 2, stride=2), torch.nn.GroupNorm(g, c), torch.nn.SiLU(),
-                torch.nn.Conv2d(c, c, 2, stride=2), torch.nn.GroupNorm(g, c), torch.nn.SiLU(),
-                torch.nn.Conv2d(c, 1, 1))
+            self.cls_pred_branch = discriminator_head(self._middle().out_channels)
+
+    def set_fp16(self, on):
+        """Whether the denoiser runs its network in float16 on CUDA: the `use_fp16` of its
+        preconditioners, which a pickle sets (EDM's ImageNet network: True; edm.py's
+        preconditioners then cast F's input to float16 on CUDA whatever the autocast policy).
+        A training or sampling script passes on = (its --precision is fp16), so that such a
+        network runs in float32 under fp32 / tf32, under bf16 autocast and as the mixed
+        policy's float32 teacher and fake model (common.full_precision). Only the flag
+        changes: weights stay float32, and `config` (what rebuilds the network) keeps the
+        pickle's value, so a field built from a config needs this call again; deep copies
+        made afterwards (EMAs, players.frozen_alias) inherit it. (EDM2's networks, edm2.py,
+        hold the flag too, but run in float16 only when called with force_fp32=False, which
+        this field never passes.) Returns the field."""
+        for m in self.denoiser.modules():
+            if hasattr(m, "use_fp16"):
+                m.use_fp16 = bool(on)
+        return self
 
     def _middle(self):
         """The last block of the architecture's middle (the bottleneck), EDM's `<res>_in1`."""
@@ -112,32 +133,22 @@ class DenoiserField(torch.nn.Module):
     def forward_head(self, t, x, y=None, s=None):
         """GAN discriminator logits from the bottleneck after the middle blocks, as the U-Net's
         (unet.UNet.forward_head): the network runs up to there (a hook stops it)."""
-        def stop(module, inputs, output):
-            raise _Bottleneck(output)
-        handle = self._middle().register_forward_hook(stop)
-        try:
-            self(t, x, y)
-        except _Bottleneck as b:
-            return self.cls_pred_branch(b.args[0].float())
-        finally:
-            handle.remove()
-        raise RuntimeError("the network never reached its middle block")
+        return bottleneck_logits(self, self._middle(), self.cls_pred_branch, t, x, y)
 
     def denoise(self, x, sigma, y=None):
         """D(x; sigma, y) with integer labels y (or None)."""
         labels = None if not self.label_dim or y is None else \
             F.one_hot(y.long(), self.label_dim).float()
-        return self.denoiser(x, sigma, labels)
+        if not self.augment_dim:
+            return self.denoiser(x, sigma, labels)
+        no_augment = torch.zeros(x.shape[0], self.augment_dim, device=x.device)
+        return self.denoiser(x, sigma, labels, augment_labels=no_augment)
 
     def forward(self, t, x, y=None):
         xf = x if x.dtype == torch.float64 else x.float()  # never below float32
         t_ = t.to(xf.dtype).view(-1, *[1] * (x.dim() - 1))
         D = self.denoise(xf / t_, ((1 - t_) / t_).flatten(), y)
         return ((D - xf) / (1 - t_)).to(x.dtype)
-
-
-class _Bottleneck(Exception):
-    """Carries the bottleneck features out of a forward pass (DenoiserField.forward_head)."""
 
 
 def edm_config(denoiser):

@@ -150,6 +150,8 @@ def main(args):
               f" weights; one step from t_g = {model.t_g:.6g}, recorded under _realuid in "
               "config.json)")
         return
+    if isinstance(model.net, networks.DenoiserField):  # an fp16 pickle: float16 only if asked
+        model.net.set_fp16(args.precision == "fp16")
     model.net.to(device).eval()
     shape = networks.image_shape(model.net)
     amp = common.precision_context(device, args.precision)

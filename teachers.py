@@ -71,13 +71,20 @@ def edm_heun(net, z, y=None, steps=18, rho=7.0, sigma_min=0.002, sigma_max=80.0)
     method on dx/dsigma = (x - D(x; sigma)) / sigma over the noise levels
     sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
     i < steps, then sigma_steps = 0, from x = sigma_0 z; 2 steps - 1 evaluations (EDM's
-    CIFAR-10 setting: 18 steps, 35 evaluations). The range is clipped to the denoiser's own."""
-    d = net.denoiser
+    CIFAR-10 setting: 18 steps, 35 evaluations). The range is clipped to the denoiser's own,
+    and each sigma_i is rounded to a level the denoiser supports (its round_sigma, as EDM's
+    generate.py does: iDDPM's networks know only their M + 1 levels u_j; the others' is the
+    identity). A diffusers teacher's field (diffusers_teacher.DiffusersField) is its own
+    denoiser, with its schedule's sigma range."""
+    d = getattr(net, "denoiser", net)
     sigma_min = max(sigma_min, float(getattr(d, "sigma_min", 0.0)))
     sigma_max = min(sigma_max, float(getattr(d, "sigma_max", math.inf)))
     i = torch.arange(steps, dtype=torch.float64)
     sigmas = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) *
               (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    round_sigma = getattr(d, "round_sigma", None)
+    if round_sigma is not None:
+        sigmas = torch.as_tensor(round_sigma(sigmas), dtype=torch.float64).cpu()
     sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).tolist()
 
     def slope(x, sigma):

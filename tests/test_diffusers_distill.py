@@ -41,7 +41,8 @@ def test_distill_resume_sample_and_export_a_diffusers_teacher(tmp_path, folder, 
     for recipe in ("sid", "dmd", "gan"):
         run(distill, [*common, "--recipe", recipe, "--steps", 1, "--fake-steps", 1,
                       "--out", tmp_path / recipe])
-    for ckpt_path, extra in ((folder, ["--nfe", 3]), (tmp_path / "realuid", [])):
+    for ckpt_path, extra in ((folder, ["--nfe", 3]), (folder, ["--nfe", 3, "--sampler", "heun"]),
+                             (tmp_path / "realuid", [])):
         out = tmp_path / f"s{len(list(tmp_path.iterdir()))}.npz"
         run(sample, ["--ckpt", ckpt_path, "--n", 4, "--out", out, *extra])
         images = np.load(out)["images"]
