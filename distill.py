@@ -330,7 +330,7 @@ def setup(args, proc):
             args.resume, state.gen, state.fake, state.emas, state.gen_player, state.fake_player,
             lr=args.lr, fake_steps=args.fake_steps, gan=state.gan)
         state.run.resumed_at(step, 0.0, math.inf, saved=False)
-        runs.check_resume_step(args, step)
+        runs.check_resume_step(args.resume, step, args.steps)
         if proc.main:
             print(f"continuing the authors' checkpoint {args.resume}: weights, EMAs and both "
                   f"Adam states restored (fake model: maximize=True turned into our "
@@ -381,7 +381,7 @@ def restore(state, args):
     players.set_rng_state(ckpt["rng"], state.noise, state.proc, path)
     state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
                          ckpt.get("best_fid", math.inf))
-    runs.check_resume_step(args, ckpt["step"])
+    runs.check_resume_step(path, ckpt["step"], args.steps)
     if state.proc.main:
         print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["data_batches"]

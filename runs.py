@@ -650,8 +650,8 @@ def _flag_text(value):
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def check_resume_step(args, step):
-    """A resumed run must have steps left to run."""
-    if step >= args.steps:
-        fail(f"the run in {args.resume} is already at step {step} of --steps {args.steps}; "
+def check_resume_step(path, step, steps):
+    """A resumed run (from `path`, at `step`) must have steps left of its --steps."""
+    if step >= steps:
+        fail(f"the run in {path} is already at step {step} of --steps {steps}; "
              "pass a larger --steps to extend it")

@@ -165,7 +165,7 @@ def setup(args, proc):
         consumed = ckpt["data_batches"]
         state.run.resumed_at(ckpt["step"], ckpt.get("elapsed_s", 0.0),
                              ckpt.get("best_fid", math.inf))
-        runs.check_resume_step(args, ckpt["step"])
+        runs.check_resume_step(args.resume, ckpt["step"], args.steps)
         if proc.main:
             print(f"resumed {args.resume} at step {ckpt['step']}")
 
