@@ -74,6 +74,15 @@ def _twice(v):
     return None if v is None else torch.cat([v, v])
 
 
+def _points(x_g, x_d, x0, t, y=None, s=None):
+    """The inputs (x_t, t, y, s) of one pass of a network over the generated batch, or, given a
+    real batch x_d, over [generated; real] fused: both interpolated with the same x0 and t."""
+    if x_d is None:
+        return interpolate(x_g, x0, t), t, y, s
+    return (torch.cat([interpolate(x_g, x0, t), interpolate(x_d, x0, t)]), t.repeat(2),
+            _twice(y), _twice(s))
+
+
 def fake_model_loss(fake, x_g, x_d, x0, t, y=None, s=None, *, alpha, beta, weight=None):
     """RealUM(f) of eq. (17), minimised by the fake model f (the inner max of eq. (18) is
     max_f -RealUM(f)):
@@ -130,10 +139,7 @@ def general_fake_model_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, a
     """
     u_g = x_g - x0
     real = not (alpha == 1 and beta == 1 and gamma == 1)
-    xt, tt, yy, ss = interpolate(x_g, x0, t), t, y, s
-    if real:
-        xt = torch.cat([xt, interpolate(x_d, x0, t)])
-        tt, yy, ss = t.repeat(2), _twice(y), _twice(s)
+    xt, tt, yy, ss = _points(x_g, x_d if real else None, x0, t, y, s)
     with torch.no_grad():
         v = field(teacher, tt, xt, yy, ss).to(x0.dtype)
     delta = field(fake, tt, xt, yy, ss).to(x0.dtype) - v
@@ -282,10 +288,7 @@ def normalized_fake_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, alph
     """
     u_g = x_g - x0
     real = not (alpha == 1 and beta == 1)
-    xt, tt, yy, ss = interpolate(x_g, x0, t), t, y, s
-    if real:
-        xt = torch.cat([xt, interpolate(x_d, x0, t)])
-        tt, yy, ss = t.repeat(2), _twice(y), _twice(s)
+    xt, tt, yy, ss = _points(x_g, x_d if real else None, x0, t, y, s)
     with torch.no_grad():
         v = field(teacher, tt, xt, yy, ss).to(x0.dtype)
     n = _direction(v, field(fake, tt, xt, yy, ss).to(x0.dtype), eps)
@@ -384,10 +387,7 @@ def beta_delta_fake_loss(teacher, fake, x_g, x_d, x0, t, y=None, s=None, *, alph
     """
     u_g = x_g - x0
     real = not (alpha == 1 and beta == 1)
-    xt, tt, yy, ss = interpolate(x_g, x0, t), t, y, s
-    if real:
-        xt = torch.cat([xt, interpolate(x_d, x0, t)])
-        tt, yy, ss = t.repeat(2), _twice(y), _twice(s)
+    xt, tt, yy, ss = _points(x_g, x_d if real else None, x0, t, y, s)
     with torch.no_grad():
         v = field(teacher, tt, xt, yy, ss).to(x0.dtype)
     d = v - field(fake, tt, xt, yy, ss).to(x0.dtype)  # v* - f
