@@ -436,7 +436,9 @@ def draw(state, args, law="uniform"):
 
 def fake_update(state, args, batch):
     """One update of the fake model f: the inner max_f of eq. (18), i.e. minimise RealUM(f) of
-    eq. (17) (General RealUID: Appendix A.2), plus the GAN discriminator loss if asked."""
+    eq. (17) (General RealUID: Appendix A.2; DMD's fake model is eq. 17 at alpha = beta), or its
+    counterpart of --objective normalized (A.4) / --param-delta beta, plus the GAN
+    discriminator loss if asked."""
     player, mb_terms, terms = state.fake_player, {}, {}
     for mb, n, ddp_sync in player.micro_batches(batch, state.micro):
         z, x_d, x0, t, y, s = mb["z"], mb["x_d"], mb["x0"], mb["t"], mb["y"], mb["s"]
@@ -478,7 +480,9 @@ def fake_update(state, args, batch):
 
 def generator_update(state, args, batch):
     """One update of the generator G: the outer min_G of eq. (18) on its own batch (the
-    real-data terms do not depend on G), plus the non-saturating GAN loss if asked; then the
+    real-data terms do not depend on G; SiD's and General RealUID's generator side, Normalized
+    RealUID's, DMD's KL gradient or the beta parameterisation's as the flags say), plus the
+    non-saturating GAN loss if asked; then the
     EMAs of G. Teacher and fake model are frozen; under --precision mixed both run in float32
     (their difference is the gradient: see common.full_precision)."""
     player, mb_terms, terms = state.gen_player, {}, {}
