@@ -18,7 +18,6 @@ import flow
 import losses
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     previous = torch.get_default_dtype()
