@@ -62,7 +62,7 @@ def build_parser():
     r = p.add_argument_group("RealUID")
     r.add_argument("--recipe", choices=list(recipes.RECIPES), default="realuid",
                    help="a named set of the flags below (flags given explicitly override it; "
-                        "saved resolved in the run):\n" + recipes.describe())
+                        "saved resolved in the run): " + recipes.describe())
     r.add_argument("--objective", choices=["realuid", "normalized", "dmd"], default="realuid",
                    help="the pair of losses: RealUID's eqs. 17-18 (General RealUID and SiD "
                         "included), Normalized RealUID (Appendix A.4) or DMD's KL gradient "

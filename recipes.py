@@ -86,10 +86,11 @@ def teacher_settings(values, diffusion):
 
 
 def describe():
-    """The recipe table for --help: name, source, what it does not reproduce."""
+    """The recipe table for --help: name, source, what it does not reproduce (one paragraph:
+    argparse rewraps help text, so the recipes are separated by " | ")."""
     lines = []
     for name, r in RECIPES.items():
         settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["settings"].items())
         lines.append(f"{name}: {r['source']}" + (f" [{settings}]" if settings else "")
                      + (f"; differs: {r['differs']}" if r["differs"] else ""))
-    return "\n".join(lines)
+    return " | ".join(lines)
