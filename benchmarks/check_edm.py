@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 import types
@@ -31,6 +30,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import edm  # noqa: E402
 import net_pickles  # noqa: E402
+from benchmarks import original_code  # noqa: E402
+from benchmarks.original_code import relative_error  # noqa: E402
 
 SMALL = dict(img_resolution=16, model_channels=16, channel_mult=[1, 2, 2], num_blocks=1,
              attn_resolutions=[8])
@@ -151,27 +152,9 @@ def precond_inputs(net, sigma):
     return c_in, net.M - 1 - net.round_sigma(sigma, return_index=True).to(torch.float32)
 
 
-class _System:
-    """Unpickling this runs a shell command (the attack the safe loader must refuse)."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def relative_error(ours, theirs):
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
-
-
 def compare(work):
     """Subprocess side: EDM's code must not be importable here; edm.py reads every pickle."""
-    for module in ("torch_utils", "dnnlib", "training.networks"):
-        spec = importlib.util.find_spec(module.split(".")[0])
-        if spec is not None:  # e.g. a module of this repository named like one of EDM's
-            raise SystemExit(f"EDM's {module} is importable in the comparing process "
-                             f"(from {spec.origin}); rename or remove it")
+    original_code.refuse_importable("EDM's", ("torch_utils", "dnnlib", "training.networks"))
     with open(os.path.join(work, "manifest.json")) as f:
         manifest = json.load(f)
     for case in manifest:
@@ -203,19 +186,10 @@ def main(args):
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
-        manifest = write_cases(args.edm_src, work, args.seed)
-        with open(os.path.join(work, "manifest.json"), "w") as f:
-            json.dump(manifest, f)
-        with open(os.path.join(work, "evil.pkl"), "wb") as f:
-            pickle.dump({"ema": _System(f"touch {os.path.join(work, 'pwned')}")}, f)
-        # a fresh interpreter whose path holds this repository only, not --edm-src
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        if subprocess.run([sys.executable, os.path.abspath(__file__), "--compare", work], env=env,
-                          cwd=ROOT).returncode:
-            print("the comparing process failed (its error is above)")
+        result = original_code.compare_in_fresh_process(
+            __file__, work, write_cases(args.edm_src, work, args.seed))
+        if result is None:
             return 1
-        with open(os.path.join(work, "result.json")) as f:
-            result = json.load(f)
 
     failures = 0
     print(f"\n{'configuration':38s} {'params EDM':>11s} {'params ours':>11s} {'rel err D':>10s} "

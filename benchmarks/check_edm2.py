@@ -32,7 +32,6 @@ import importlib.util
 import json
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 import types
@@ -44,6 +43,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import edm2  # noqa: E402
 import net_pickles  # noqa: E402
+from benchmarks import original_code  # noqa: E402
+from benchmarks.original_code import relative_error  # noqa: E402
 
 # EDM2's img64 / img512 networks at a toy size: EDM2's channel_mult [1, 2, 3, 4] and attention
 # at the two lowest resolutions (64x64: [16, 8]; here 16x16: [4, 2]), two blocks per level.
@@ -181,28 +182,9 @@ def write_cases(edm2_src, work, seed):
     return dict(cases=manifest, counts=counts)
 
 
-class _System:
-    """Unpickling this runs a shell command (the attack the safe loader must refuse)."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def relative_error(ours, theirs):
-    return float((ours.float() - theirs.float()).abs().max()
-                 / theirs.float().abs().max().clamp_min(1e-30))
-
-
 def compare(work):
     """Subprocess side: EDM2's code must not be importable here; edm2.py reads every pickle."""
-    for module in ("torch_utils", "dnnlib", "training"):
-        spec = importlib.util.find_spec(module)
-        if spec is not None:  # e.g. a module of this repository named like one of EDM2's
-            raise SystemExit(f"EDM2's {module} is importable in the comparing process "
-                             f"(from {spec.origin}); rename or remove it")
+    original_code.refuse_importable("EDM2's", ("torch_utils", "dnnlib", "training"))
     with open(os.path.join(work, "manifest.json")) as f:
         manifest = json.load(f)
     for case in manifest["cases"]:
@@ -252,19 +234,10 @@ def main(args):
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
-        manifest = write_cases(args.edm2_src, work, args.seed)
-        with open(os.path.join(work, "manifest.json"), "w") as f:
-            json.dump(manifest, f)
-        with open(os.path.join(work, "evil.pkl"), "wb") as f:
-            pickle.dump({"ema": _System(f"touch {os.path.join(work, 'pwned')}")}, f)
-        # a fresh interpreter whose path holds this repository only, not --edm2-src
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        if subprocess.run([sys.executable, os.path.abspath(__file__), "--compare", work], env=env,
-                          cwd=ROOT).returncode:
-            print("the comparing process failed (its error is above)")
+        result = original_code.compare_in_fresh_process(
+            __file__, work, write_cases(args.edm2_src, work, args.seed))
+        if result is None:
             return 1
-        with open(os.path.join(work, "result.json")) as f:
-            result = json.load(f)
 
     failures = 0
     columns = ("D", "D_f32", "F", "logvar", "D_train", "W_train")
