@@ -7,7 +7,6 @@ pickler that stands in for EDM2's code. Layouts and outputs of EDM2's own code a
 numbers measured with it (`PYTHONPATH=. python tests/test_edm2.py --edm2-src DIR` prints them
 again); benchmarks/check_edm2.py compares against EDM2's own code directly.
 """
-import contextlib
 import copy
 import hashlib
 import math
@@ -23,6 +22,7 @@ import torch
 import edm2
 import net_pickles
 from common import RealUIDError
+from test_edm import EXPLODING_SRC, edm_globals
 
 # Toy versions of EDM2's networks: one block per level, 8 channels per attention head (EDM2's
 # 64 would leave these widths without heads), 8x8 images.
@@ -317,7 +317,6 @@ def test_strict_state_dict_round_trip():
 # ---------------------------------------------------------------------------------------------
 # Writing pickles in EDM2's format without EDM2's code.
 
-EXPLODING_SRC = "raise RuntimeError('module_src must never be executed')\n"
 PERSISTENT = (edm2.Precond, edm2.UNet, edm2.Block, edm2.MPConv, edm2.MPFourier)
 
 
@@ -328,31 +327,6 @@ class Opaque:
 
     def __init__(self, class_name, attrs=None, **kwargs):
         self.class_name, self.kwargs, self.attrs = class_name, kwargs, attrs or {}
-
-
-@contextlib.contextmanager
-def edm2_globals():
-    """Modules named like EDM2's, in sys.modules only while a pickle is written, so that pickle
-    can name torch_utils.persistence._reconstruct_persistent_obj and dnnlib.util.EasyDict."""
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError("the stub is only written, never called")
-
-    class EasyDict(dict):
-        pass
-
-    modules = {name: types.ModuleType(name) for name in
-               ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util")}
-    for obj, module in ((_reconstruct_persistent_obj, "torch_utils.persistence"),
-                        (EasyDict, "dnnlib.util")):
-        obj.__module__, obj.__qualname__ = module, obj.__name__
-        setattr(modules[module], obj.__name__, obj)
-    assert not set(modules) & set(sys.modules)
-    sys.modules.update(modules)
-    try:
-        yield modules["torch_utils.persistence"]._reconstruct_persistent_obj, EasyDict
-    finally:
-        for name in modules:
-            del sys.modules[name]
 
 
 class EDM2Pickler(pickle.Pickler):
@@ -391,7 +365,7 @@ def write_edm2_pickle(path, net, kwargs, dtype=torch.float16, latent=False,
         encoder = Opaque("StabilityVAEEncoder", attrs)
     else:
         encoder = Opaque("StandardRGBEncoder")
-    with edm2_globals() as (reconstruct, EasyDict):
+    with edm_globals() as (reconstruct, EasyDict):  # EDM2 names the same two globals
         ema = copy.deepcopy(net).cpu().eval().requires_grad_(False).to(dtype)
         if tamper is not None:
             tamper(ema)
