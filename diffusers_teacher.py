@@ -465,9 +465,10 @@ def diffusers_paths(path):
     return p, os.path.join(p, "scheduler_config.json")
 
 
-def read_unet_weights(folder):
-    """The UNet's tensors from safetensors only (a sharded index, the file, or the fp16
-    variant); a folder with only a pickled .bin is refused, never unpickled."""
+def read_unet_weights(folder, what="a diffusers UNet folder"):
+    """The UNet's (or, latents.py, the VAE's) tensors from safetensors only (a sharded index,
+    the file, or the fp16 variant); a folder with only a pickled .bin is refused, never
+    unpickled."""
     import safetensors
     import safetensors.torch
     index = os.path.join(folder, WEIGHTS_INDEX)
@@ -484,7 +485,7 @@ def read_unet_weights(folder):
             common.fail(f"{folder} has only {WEIGHTS_BIN}, a pickle, which is never loaded "
                         f"here; convert it to {WEIGHTS} (safetensors.torch.save_file) where "
                         "you trust the file")
-        common.fail(f"no {WEIGHTS} in {folder}; a diffusers UNet folder needs its weights")
+        common.fail(f"no {WEIGHTS} in {folder}; {what} needs its weights")
     sd = {}
     for name in files:
         f = os.path.join(folder, os.path.basename(name))  # shards sit beside their index

@@ -41,6 +41,7 @@ import common
 import coupling
 import image_data
 import inception
+import latents
 import networks
 import players
 import recipes
@@ -146,8 +147,13 @@ def build_parser():
     sid.add_argument("--nonfinite", choices=["stop", "sid"], default="stop",
                      help="a NaN/inf loss stops the run without saving (stop), or, as SiD does, "
                           "NaN gradient entries become 0 and inf ones +-1e5 and the run goes on")
-    common.add_data_args(p, image_size_default=None).title = (
-        "data (--image-size defaults to the teacher's)")
+    data = common.add_data_args(p, image_size_default=None)
+    data.title = "data (--image-size defaults to the teacher's)"
+    data.add_argument("--vae", default=None, metavar="FOLDER",
+                      help="a latent teacher's VAE (EDM2 img512: a local diffusers "
+                           "AutoencoderKL folder such as stabilityai/sd-vae-ft-mse): encodes the "
+                           "real images (--alpha / --beta < 1, the GAN) and decodes grids and "
+                           "in-training FID samples; a data-free run needs none (latents.py)")
     coupling.add_args(p, teacher=False)
     common.add_net_args(p).title = ("network of a teacher file without config (the authors' "
                                     "files); ours describe themselves")
@@ -297,15 +303,27 @@ def setup(args, proc):
 
     # Real data: the targets when alpha, beta < 1 (or the GAN); a coupling always reads its
     # sources, and with alpha = beta = 1 never uses the targets (IBMD's data-free setting).
+    # A latent teacher (EDM2 img512) reads images and encodes them with --vae (latents.py).
+    state.latents = networks.latent_settings(state.teacher)
+    state.codec = latents.open_codec(state.latents, args.vae, state.shape, device,
+                                     f"the teacher {args.teacher}")
+    if state.latents and state.codec is None and (state.uses_real or args.fid_every):
+        latents.needs_vae(state.latents, "real data (--alpha, --beta < 1, the GAN)"
+                          if state.uses_real else "--fid-every")
     data, state.reads_data = None, state.uses_real or state.coupling is not None
     if state.reads_data:
-        data = image_data.open_data(args.data, args.data_root, state.shape[-1])
-        image_data.check_data(data, networks.data_config(state.teacher), state.cond,
-                          what=f"the teacher {args.teacher}")
+        data_cfg = networks.data_config(state.teacher)
+        if state.codec:  # images of the VAE's size, encoded when drawn
+            data_cfg = dict(data_cfg, in_channels=state.codec.pixel_shape[0],
+                            image_size=state.codec.pixel_shape[1])
+        data = image_data.open_data(args.data, args.data_root, data_cfg["image_size"])
+        image_data.check_data(data, data_cfg, state.cond, what=f"the teacher {args.teacher}")
         coupling.for_student(state.coupling, args.task, data, args.teacher)
     elif args.data != "cifar10" and proc.main:
         print(f"note: --data {args.data} is not read: alpha = beta = 1 is data-free")
     state.data_desc = runs.describe_data(data)
+    if state.codec and data is not None:  # a resumed run must encode with the same VAE
+        state.data_desc["vae"] = checkpoints.fingerprint(state.codec.vae.state_dict())
     state.grid_pairs = coupling.fixed_pairs(data, state.coupling, 16, device) \
         if state.coupling else None
 
@@ -405,6 +423,8 @@ def draw(state, args, law="uniform"):
         noise["t_gan"] = gan_levels(players.rand(rng, (B,), device)).clamp(*state.t_range)
     if state.reads_data:
         noise["flip"] = players.rand(rng, (B,), device) < 0.5
+        if state.codec:  # the VAE posterior's noise (latents.LatentCodec.encode)
+            noise["vae_eps"] = players.randn(rng, (B, *state.shape), device)
     elif state.cond:  # data-free and conditional: labels uniform over the classes
         noise["y"] = players.randint(rng, state.num_classes, (B,), device)
     if state.coupling and state.coupling["task"] == "denoise":
@@ -415,7 +435,10 @@ def draw(state, args, law="uniform"):
     if state.reads_data:
         x_u8, y, src_u8 = state.batches.next()
         flip = batch.pop("flip")
-        x1 = common.flip(common.from_uint8(x_u8), flip)
+        if state.codec:  # flipped as pixels, then encoded (EDM2's latents)
+            x1 = state.codec.encode(common.flip(x_u8, flip), batch.pop("vae_eps"))
+        else:
+            x1 = common.flip(common.from_uint8(x_u8), flip)
         batch["y"] = y if state.cond else None
         if state.uses_real:
             batch["x_d"] = x1
@@ -570,13 +593,20 @@ def save_grids(state, args, z, y):
         c, n = state.coupling, len(src)
         z, y = coupling.start(src, z[:n], c["kappa"], c["sigma"]), labels if state.cond else None
     ema = state.emas[checkpoints.ema_key(args.ema[0])]
+    if state.latents and state.codec is None:
+        return  # latents are not images: grids need --vae
     for name, net in (("gen", state.gen_frozen), (f"ema{args.ema[0]}", ema)):
         path = os.path.join(args.out, "samples", f"{state.run.step:07d}_{name}.png")
         if state.coupling:
             common.save_grid(torch.cat([src, generate(net, z, y, src, state.t_g), x1]), path,
                              nrow=n)
         else:
-            common.save_grid(generate(net, z, y, t_g=state.t_g), path)
+            common.save_grid(images(state, generate(net, z, y, t_g=state.t_g)), path)
+
+
+def images(state, x):
+    """The generator's outputs as images in [-1, 1]: themselves, or a latent teacher's decoded."""
+    return state.codec.decode_signed(x) if state.codec else x
 
 
 def main(args):
@@ -597,12 +627,15 @@ def main(args):
         print(f"{mode}{' + GAN' if state.gan else ''}; teacher {args.teacher} "
               f"({'cond' if state.cond else 'uncond'} {'x'.join(map(str, state.shape))}{pairs});"
               f" device {proc.device}, {proc.world} process(es), {args.precision}")
+        if state.latents and state.codec is None and args.sample_every:
+            print("note: no sample grids: the teacher works on VAE latents; pass --vae to see "
+                  "them as images")
     grid_z, grid_y = players.grid_latents(state.shape, state.num_classes, proc.device)
     run = state.run
     if proc.main and args.sample_every and run.step == 0:
         save_grids(state, args, grid_z, grid_y)  # the starting point z + v*(0, z), to compare
     ema = state.emas[checkpoints.ema_key(args.ema[0])]
-    in_training_fid = (fid_eval, lambda z, y: generate(ema, z, y, t_g=state.t_g),
+    in_training_fid = (fid_eval, lambda z, y: images(state, generate(ema, z, y, t_g=state.t_g)),
                        f"EMA {args.ema[0]}, one step")
     keys = ["loss_fake", "loss_gen"] + (["loss_gan_disc", "loss_gan_gen"] if state.gan else [])
     running = {k: torch.zeros((), device=proc.device) for k in keys}

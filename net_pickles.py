@@ -16,7 +16,8 @@ and loads its tensors strictly. Other persistent objects (a snapshot's `loss_fn`
 EDM2's pickles (its training loop's `network-snapshot-*.pkl` and the published post-hoc EMA
 reconstructions) are a dnnlib.EasyDict: `ema` an edm2.Precond, stored in float16, rebuilt here
 as edm2.py's module in float32 (the float16 values, exactly); `encoder` (StandardRGBEncoder or
-StabilityVAEEncoder) and `loss_fn` (EDM2Loss) as the plain dicts above; `dataset_kwargs` a dict.
+StabilityVAEEncoder, whose latent scale and bias are kept under "state": latents.py) and
+`loss_fn` (EDM2Loss) as the plain dicts above; `dataset_kwargs` a dict.
 
 A hostile file gets a one-line RealUIDError, never a crash, a hang or an allocation its bytes do
 not pay for: every opcode that calls, builds, hashes or fills something is checked
@@ -51,6 +52,9 @@ NETWORKS = {**edm.NETWORKS, **edm2.NETWORKS}
 # ---------------------------------------------------------------------------------------------
 # Plain data and networks.
 
+# Of other persistent objects only the arguments are kept, and the state that says what a
+# network's inputs are: EDM2's latent encoder's scale and bias (latents.py).
+_KEPT_STATE = {"StabilityVAEEncoder": ("vae_name", "scale", "bias")}
 _MAX_ITEMS, _MAX_DEPTH = 100_000, 64  # EDM's and EDM2's pickles: a few hundred, depth < 10
 _BOUNDS = {"iDDPMPrecond": {"M": (10_000, "its constructor loops over M noise levels; EDM's "
                                            "iDDPM networks have 1000")}}
@@ -77,10 +81,14 @@ class _Converter:
                 if id(value) not in self.networks:  # the node is kept alive by the result
                     self.networks[id(value)] = (value, _build(value, where, self, depth))
                 return self.networks[id(value)][1]
-            return {"class_name": value.class_name,
-                    "init_args": self.plain(_get(value.state, "_init_args", ()), where, depth + 1),
-                    "init_kwargs": self.plain(_get(value.state, "_init_kwargs", {}), where,
-                                              depth + 1)}
+            out = {"class_name": value.class_name,
+                   "init_args": self.plain(_get(value.state, "_init_args", ()), where, depth + 1),
+                   "init_kwargs": self.plain(_get(value.state, "_init_kwargs", {}), where,
+                                             depth + 1)}
+            kept = {k: self.plain(value.state[k], where, depth + 1)
+                    for k in _KEPT_STATE.get(value.class_name, ())
+                    if isinstance(value.state, dict) and k in value.state}
+            return dict(out, state=kept) if kept else out
         if isinstance(value, _Container):
             return {"class_name": type(value).__name__}
         if isinstance(value, dict):
@@ -407,7 +415,11 @@ def load_edm_network(path, key="ema"):
     """The network stored under `key` (EDM's and EDM2's snapshots and public files: 'ema'), in
     eval mode, float32, with requires_grad False: an edm.py network, or an edm2.Precond for an
     EDM2 pickle (whose float16 weights come back as float32 of the same values)."""
-    data = load_edm_pickle(path)
+    return network_in(load_edm_pickle(path), path, key)
+
+
+def network_in(data, path, key="ema"):
+    """load_edm_network for a pickle already read by load_edm_pickle."""
     if key not in data:
         held = ", ".join(map(repr, data)) or "nothing"
         raise RealUIDError(f"{path}: no {key!r} in this pickle; it holds {held[:300]}")

@@ -96,9 +96,10 @@ class DenoiserField(torch.nn.Module):
     a (zero) gradient, as DistributedDataParallel needs of every parameter.
     """
 
-    def __init__(self, denoiser, gan_head=False):
+    def __init__(self, denoiser, gan_head=False, latents=None):
         super().__init__()
         self.denoiser = denoiser
+        self.latents = latents  # latents.latent_settings of a latent network (EDM2 img512)
         self.label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
         augment = getattr(getattr(denoiser, "model", None), "map_augment", None)
         self.augment_dim = int(augment.in_features) if augment is not None else 0
@@ -106,6 +107,8 @@ class DenoiserField(torch.nn.Module):
         sigma_max = min(float(getattr(denoiser, "sigma_max", math.inf)), SIGMA_RANGE[1])
         self.t_min, self.t_max = 1 / (1 + sigma_max), 1 / (1 + sigma_min)
         self.config = edm_config(denoiser)
+        if latents is not None:  # students and sample.py decode with it
+            self.config["latents"] = latents
         if gan_head:  # the GAN baseline's discriminator on the bottleneck (eqs. 7-9, Appendix D)
             self.cls_pred_branch = discriminator_head(self._middle().out_channels)
 
@@ -176,7 +179,7 @@ def build_edm(config, sd=None, what="weights", gan_head=False):
     except (TypeError, ValueError) as e:
         fail(f"cannot build the EDM network {config['edm']} from its config ({e})")
     denoiser.init_args, denoiser.init_kwargs = config.get("args", []), config.get("kwargs", {})
-    field = DenoiserField(denoiser, gan_head)
+    field = DenoiserField(denoiser, gan_head, config.get("latents"))
     if sd is not None:
         head = {k: v for k, v in field.state_dict().items() if k.startswith(GAN_HEAD)}
         load_state(field, {**head, **clean_state_dict(sd)}, what)
@@ -251,6 +254,12 @@ def image_shape(net):
         return (d.img_channels, d.img_resolution, d.img_resolution)
     c = net.config
     return (c["in_channels"], c["image_size"], c["image_size"])
+
+
+def latent_settings(net):
+    """What turns a latent network's outputs into images (latents.latent_settings: the VAE's
+    name, scale and bias), None for a network on pixels."""
+    return getattr(net, "latents", None) if isinstance(net, DenoiserField) else None
 
 
 def data_config(net):

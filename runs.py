@@ -52,6 +52,10 @@ def check_same_inputs(saved_config, teacher_fingerprint, data_desc, path):
     saved = saved_config.get("data", "unrecorded")
     if saved == "unrecorded":
         return
+    if isinstance(saved, dict) and isinstance(data_desc, dict) and \
+            saved.get("vae") != data_desc.get("vae"):  # a latent teacher's real latents
+        fail(f"--vae is not the VAE {path} was trained with (weights differ); pass the original "
+             "VAE folder")
     now = data_desc
     if isinstance(saved, dict) and "content" not in saved and isinstance(now, dict):
         now = {k: v for k, v in now.items() if k != "content"}
@@ -500,7 +504,7 @@ RESUMABLE = {"steps", "out", "resume", "device", "workers", "data_root", "log_ev
              "log_seconds", "sample_every", "save_every", "save_minutes", "snapshot_every",
              "fid_every", "fid_n", "fid_ref", "fid_weights", "fid_mode", "fid_batch",
              "compile", "compile_mode", "channels_last", "deterministic", "teacher", "data",
-             "init_from", "sample_nfe"}
+             "init_from", "sample_nfe", "vae"}
 
 
 def restored_value(action, value, path):

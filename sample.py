@@ -31,6 +31,7 @@ import torch
 
 import common
 import diffusers_teacher
+import latents
 import networks
 import run_folder
 import sampling
@@ -77,6 +78,10 @@ def build_parser():
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision of the network")
     p.add_argument("--nrow", type=common.positive_int, default=None, help="images per grid row")
+    p.add_argument("--vae", default=None, metavar="FOLDER",
+                   help="a latent model's VAE (EDM2 img512 teachers and their generators: a "
+                        "local diffusers AutoencoderKL folder such as stabilityai/sd-vae-ft-mse),"
+                        " which decodes its latents into images (latents.py)")
     p.add_argument("--export-diffusers", default=None, metavar="FOLDER",
                    help="instead of sampling, write the distilled generator of a diffusers "
                         "teacher as a diffusers UNet2DModel folder (config.json, safetensors, "
@@ -154,6 +159,10 @@ def main(args):
         model.net.set_fp16(args.precision == "fp16")
     model.net.to(device).eval()
     shape = networks.image_shape(model.net)
+    settings = networks.latent_settings(model.net)
+    codec = latents.open_codec(settings, args.vae, shape, device, args.ckpt)
+    if settings and codec is None:
+        latents.needs_vae(settings, "sampling")
     amp = common.precision_context(device, args.precision)
     given = getattr(args, "given", set())
     if "nfe" in given and model.kind == "distilled":
@@ -180,7 +189,7 @@ def main(args):
         y = None if labels is None else labels[lo:hi].to(device)
         with amp:
             x = sampling.one_pass(model, z, y, nfe=args.nfe, sampler=args.sampler)
-        images.append(common.to_uint8(x.float()).cpu())
+        images.append((codec.decode(x) if codec else common.to_uint8(x.float())).cpu())
         if n > args.batch_size:
             print(f"\r{hi}/{n} images", end="", flush=True)
     if n > args.batch_size:

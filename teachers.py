@@ -6,7 +6,8 @@ x_t = t x1 + (1 - t) x0, x0 ~ N(0, I)):
   is the field itself);
 - EDM's network pickles (`edm-cifar10-32x32-{uncond,cond}-vp.pkl`, `edm-{ffhq,afhqv2}-64x64-
   uncond-vp.pkl`, `edm-imagenet-64x64-cond-adm.pkl`, the `baseline-*` VP / VE pickles and
-  `network-snapshot-*.pkl` of EDM's training loop) and EDM2's (`edm2-img64-*.pkl`), read by
+  `network-snapshot-*.pkl` of EDM's training loop) and EDM2's (`edm2-img64-*.pkl`; the
+  latent `edm2-img512-*.pkl`, whose field works on VAE latents: latents.py), read by
   net_pickles.py without their code and without executing anything from the file, and
   diffusion teachers trained here (train_teacher.py --param edm): denoisers D(x; sigma, y),
   turned into flow fields by networks.DenoiserField;
@@ -22,6 +23,7 @@ import torch
 
 import checkpoints
 import diffusers_teacher
+import latents
 import net_pickles
 import networks
 import unet
@@ -39,11 +41,13 @@ def load_teacher(path, ema=None, device="cpu", fallback=None):
     one network, its EMA under the key `ema`, whatever `ema` says. fallback: the U-Net config
     of an authors' file (no config inside; default: the paper network at 32x32). The module
     carries `config` (to rebuild it), `coupling` (image-to-image teachers) and, for denoisers,
-    `t_min`, `t_max`.
+    `t_min`, `t_max` and `latents` (what decodes a latent network's outputs, else None).
     """
     path = str(path)
     if path.endswith(EDM_SUFFIXES):  # EDM keeps one network, its EMA, under `ema`: `ema` n/a
-        net = networks.DenoiserField(net_pickles.load_edm_network(path))
+        data = net_pickles.load_edm_pickle(path)
+        net = networks.DenoiserField(net_pickles.network_in(data, path),
+                                     latents=latents.latent_settings(data.get("encoder"), path))
         net.coupling = None
         return net.to(device).eval().requires_grad_(False)
     if diffusers_teacher.is_diffusers_folder(path):  # a run folder has no config.json

@@ -17,7 +17,10 @@ float32. A subprocess in which EDM2's code cannot be imported then reads each pi
 - F and ln u: the raw U-Net F(c_in x; c_noise, y) and the uncertainty (return_logvar);
 - train D, train W (float32 cases): D in training mode from the same seed (forced weight
   normalisation, dropout 0.1), and the weights that pass rewrote.
-It also checks the parameter counts of edm2.CONFIGS (EDM2's presets) against EDM2's code, that a
+With diffusers installed, EDM2's StabilityVAEEncoder (with a tiny random AutoencoderKL in place
+of Stability's, saved as a diffusers folder) encodes images and decodes latents, and
+latents.LatentCodec, with the scale and bias read from the latent pickle, must agree. It also
+checks the parameter counts of edm2.CONFIGS (EDM2's presets) against EDM2's code, that a
 pickle whose __reduce__ runs `os.system` is refused with one line and runs nothing, and that an
 EDM2 pickle whose module_src writes a file loads without running it.
 Prints a table; exits 1 on any relative error above --tolerance (--tolerance-fp16 for D, F and
@@ -179,7 +182,41 @@ def write_cases(edm2_src, work, seed):
     for name, cfg in edm2.CONFIGS.items():
         with torch.device("meta"):  # shapes only
             counts[name] = sum(p.numel() for p in networks_edm2.Precond(**cfg).parameters())
-    return dict(cases=manifest, counts=counts)
+    return dict(cases=manifest, counts=counts, vae=vae_case(encoders, work, seed))
+
+
+def tiny_vae(seed):
+    """A random AutoencoderKL of Stable Diffusion's kind (4 latent channels), 2 levels."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                         norm_num_groups=8, sample_size=32).eval().requires_grad_(False)
+
+
+def vae_case(encoders, work, seed):
+    """EDM2's StabilityVAEEncoder with a tiny random VAE in place of Stability's (saved as a
+    diffusers folder for latents.py): encode_pixels + encode_latents of uint8 images, its eps
+    (the global RNG's randn_like, replayed) and decode of random latents. None without
+    diffusers."""
+    if importlib.util.find_spec("diffusers") is None:
+        return None
+    vae = tiny_vae(seed)
+    vae.save_pretrained(os.path.join(work, "vae"))
+    encoder = encoders.StabilityVAEEncoder(batch_size=3)
+    encoder._vae = vae  # instead of downloading Stability's
+    g = torch.Generator().manual_seed(seed + 7)
+    x_u8 = torch.randint(0, 256, (5, 3, 32, 32), generator=g, dtype=torch.uint8)
+    raw = encoder.encode_pixels(x_u8)
+    torch.manual_seed(seed + 8)
+    final = encoder.encode_latents(raw)
+    torch.manual_seed(seed + 8)
+    eps = torch.randn_like(raw[:, :4])  # what encode_latents drew
+    z = torch.randn(5, 4, 16, 16, generator=g)
+    io = dict(x_u8=x_u8, eps=eps, final=final, z=z, decoded=encoder.decode(z))
+    torch.save(io, os.path.join(work, "vae.io"))
+    return os.path.join(work, "vae.io")
 
 
 def compare(work):
@@ -190,6 +227,8 @@ def compare(work):
     for case in manifest["cases"]:
         data = net_pickles.load_edm_pickle(case["path"])
         net = net_pickles.load_edm_network(case["path"])
+        if data["encoder"]["class_name"] == "StabilityVAEEncoder":
+            data_latent = data
         io = torch.load(case["path"] + ".io")
         x, sigma, y = io["x"], io["sigma"], io["y"]
         with torch.no_grad():
@@ -221,7 +260,19 @@ def compare(work):
         refusal = str(e)
     src_loaded = isinstance(net_pickles.load_edm_network(os.path.join(work, "src.pkl")),
                             edm2.Precond)
-    result = dict(cases=manifest["cases"], counts=counts, refusal=refusal,
+    vae = None
+    if manifest.get("vae"):  # latents.py's codec with the latent case's encoder settings
+        import latents
+        io = torch.load(manifest["vae"])
+        settings = latents.latent_settings(data_latent["encoder"], "latent case")
+        codec = latents.LatentCodec(latents.load_vae(os.path.join(work, "vae")), settings,
+                                    (4, 16, 16), batch=4)
+        decoded = codec.decode(io["z"])
+        levels = (decoded.int() - io["decoded"].int()).abs()
+        vae = dict(encode=relative_error(codec.encode(io["x_u8"], io["eps"]), io["final"]),
+                   decode_max=int(levels.max()), decode_off=float((levels > 0).float().mean()),
+                   settings=settings)
+    result = dict(cases=manifest["cases"], counts=counts, refusal=refusal, vae=vae,
                   marker=os.path.exists(marker), src_loaded=src_loaded,
                   src_ran=os.path.exists(os.path.join(work, "src_ran")))
     with open(os.path.join(work, "result.json"), "w") as f:
@@ -274,6 +325,18 @@ def main(args):
     failures += not src_ok
     print(f"EDM2 pickle whose module_src writes a file: loaded "
           f"{'without running it' if src_ok else 'BUT ITS SOURCE RAN'}")
+    vae = result["vae"]
+    if vae is None:
+        print("VAE latents: not checked (pip install diffusers safetensors)")
+    else:
+        vae_ok = vae["encode"] <= args.tolerance and vae["decode_max"] <= 1 and \
+            vae["decode_off"] <= 0.01
+        failures += not vae_ok
+        print(f"VAE latents (EDM2's StabilityVAEEncoder vs latents.LatentCodec, a tiny random "
+              f"AutoencoderKL, the scale and bias read from the pickle): encode relative error "
+              f"{vae['encode']:.2e}; decode: {100 * vae['decode_off']:.3f}% of the bytes differ, "
+              f"by at most {vae['decode_max']} level(s)  {'ok' if vae_ok else 'MISMATCH'}")
+
     def largest(dtype, as_stored):
         """The largest error of the float16- or float32-stored cases, against EDM2 running the
         network as stored (D, F, ln u) or against EDM2 in float32 (the other columns)."""

@@ -403,7 +403,13 @@ def test_pickle_in_edm2_format_round_trip(tmp_path, dtype):
         assert getattr(loaded, attr) == kwargs.get(attr, getattr(net, attr))
     # the other entries as plain data; the module source nowhere
     encoder = "StabilityVAEEncoder" if kwargs["img_channels"] == 4 else "StandardRGBEncoder"
+    kept = data["encoder"].pop("state", None)  # a latent encoder's scale and bias: latents.py
     assert data["encoder"] == {"class_name": encoder, "init_args": (), "init_kwargs": {}}
+    if encoder == "StabilityVAEEncoder":
+        assert sorted(kept) == ["bias", "scale", "vae_name"]
+        assert kept["scale"].dtype == np.float32 and kept["scale"].shape == (4,)
+    else:
+        assert kept is None
     assert data["loss_fn"] == {"class_name": "EDM2Loss", "init_args": (),
                                "init_kwargs": {"P_mean": -0.8, "P_std": 1.6}}
     assert type(data["dataset_kwargs"]) is dict and data["dataset_kwargs"]["path"] == "img64.zip"
