@@ -8,6 +8,8 @@ class-conditional models) that fid.py reads, and/or a PNG grid.
     python sample.py --ckpt runs/teacher/latest.pt --nfe 100 --n 50000 --out teacher.npz
     # a grid from the authors' released fine-tuned generator (EMA 0.9999)
     python sample.py --ckpt cifar10_uncond_finetuned.pt --ema 0.9999 --n 100 --out grid.png
+    # a latent model (EDM2 img512 and its generators): decoded by the VAE folder you supply
+    python sample.py --ckpt runs/img512/latest.pt --vae sd-vae-ft-mse --n 50000 --out img512.npz
     # image-to-image (Appendix C): translate images, 4 restorations each, in one step
     python sample.py --ckpt runs/sr4/latest.pt --source low_res/ --per-source 4 --out sr.npz sr.png
     # ... or corrupt held-out images with the model's own task (the grid shows the targets)
