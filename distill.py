@@ -293,6 +293,8 @@ def setup(args, proc):
     state.gen = networks.build_network(cfg, gen_sd, what="generator weights").to(device)
     state.fake = networks.build_network(cfg, fake_sd, gan_head=state.gan,
                                 what="fake-model weights").to(device)
+    for net in (state.gen, state.fake):  # EDM2's uncertainty head is no part of the field
+        networks.freeze_unused(net)
     for net in (state.teacher, state.gen, state.fake):  # an fp16 pickle: float16 only if asked
         if isinstance(net, networks.DenoiserField):
             net.set_fp16(args.precision == "fp16")

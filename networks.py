@@ -225,6 +225,20 @@ def forced_weight_norm(net):
     return lambda: edm2.normalize_weights_(net)
 
 
+def freeze_unused(net):
+    """For a network to be trained: its parameters that the field never uses, frozen
+    (requires_grad False). EDM2's uncertainty head (Precond.logvar_linear, the u(sigma) of
+    EDM2's loss, Eq. 21) is used only with return_logvar, never for D. DistributedDataParallel
+    expects a gradient for every parameter that requires one: with that head trainable its
+    first update leaves a gradient bucket un-averaged and its second stops ("Expected to have
+    finished reduction"). One process is unchanged (the head never had a gradient). Returns
+    the network."""
+    head = getattr(getattr(net, "denoiser", None), "logvar_linear", None)
+    if isinstance(head, torch.nn.Module):
+        head.requires_grad_(False)
+    return net
+
+
 def t_range(net):
     """Where a network's field is used: [t_min, t_max] of a denoiser, [0, 1] for flow matching."""
     return getattr(net, "t_min", 0.0), getattr(net, "t_max", 1.0)

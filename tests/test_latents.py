@@ -17,7 +17,7 @@ import sample
 import teachers
 from common import RealUIDError
 from conftest import FAST, load, run, shapes_dataset
-from test_edm2 import TINY, write_edm2_pickle
+from test_edm2 import TINY, set_weights, write_edm2_pickle
 
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
@@ -50,7 +50,8 @@ def latent_pickle(tmp_path):
     import edm2
     torch.manual_seed(0)
     path = tmp_path / "edm2-img512-toy.pkl"
-    write_edm2_pickle(path, edm2.Precond(**LATENT), LATENT, dtype=torch.float16, latent=True)
+    net = set_weights(edm2.Precond(**LATENT)).eval()  # nonzero gains: EDM2 starts them at 0
+    write_edm2_pickle(path, net, LATENT, dtype=torch.float16, latent=True)
     return path
 
 
@@ -270,3 +271,30 @@ def test_a_vae_given_to_a_pixel_teacher_is_refused(tmp_path, teachers, tiny_data
         run(sample, ["--ckpt", teachers["uncond"], "--vae", vae_dir, "--n", 2, "--nfe", 2,
                      "--out", tmp_path / "x.png"])
     assert "drop --vae" in one_line(caught)
+
+
+def test_two_processes_encode_their_slices_as_one_process(tmp_path, latent_pickle, vae_dir,
+                                                           images16):
+    """torchrun with 2 processes (gloo): each encodes its half of the real batch with its rows
+    of the VAE noise, and two updates of each player give one process's gradients (Adam's
+    exp_avg, beta1 = 0: the last gradient, at a negligible learning rate, as in
+    tests/test_scale.py). It also failed before EDM2's uncertainty head was frozen in the
+    students (networks.freeze_unused): the generator's first gradient came out partly
+    un-averaged, and the second update stopped in DistributedDataParallel."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    argv = ["--teacher", latent_pickle, "--data", images16, "--vae", vae_dir, "--alpha", 0.94,
+            "--beta", 0.96, "--fake-init", "random", "--steps", 2, "--fake-steps", 1,
+            "--lr", 1e-9, "--warmup", 0, *FAST]
+    run(distill, [*argv, "--out", tmp_path / "one"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "distill.py", *map(str, argv), "--out", str(tmp_path / "two")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load(tmp_path / "one" / "latest.pt"), load(tmp_path / "two" / "latest.pt")
+    for opt in ("optim_u", "optim_gen"):
+        state_a, state_b = a[opt]["state"], b[opt]["state"]
+        ga = torch.cat([state_a[i]["exp_avg"].flatten() for i in sorted(state_a)]).double()
+        gb = torch.cat([state_b[i]["exp_avg"].flatten() for i in sorted(state_b)]).double()
+        assert ga.norm() > 0 and ((ga - gb).norm() / ga.norm()).item() < 1e-4, opt
