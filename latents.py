@@ -193,6 +193,6 @@ def open_codec(settings, vae_path, shape, device, what):
 
 def needs_vae(settings, why):
     """The one-line refusal of a latent network's step that needs images without --vae."""
-    common.fail(f"{why} of a latent teacher (VAE latents of {settings['vae']}) needs its VAE: "
+    common.fail(f"{why} of a latent model (VAE latents of {settings['vae']}) needs its VAE: "
                 f"pass --vae FOLDER, a local diffusers AutoencoderKL folder (e.g. "
                 f"`huggingface-cli download {settings['vae']} --local-dir vae`)")
