@@ -298,3 +298,37 @@ def test_two_processes_encode_their_slices_as_one_process(tmp_path, latent_pickl
         ga = torch.cat([state_a[i]["exp_avg"].flatten() for i in sorted(state_a)]).double()
         gb = torch.cat([state_b[i]["exp_avg"].flatten() for i in sorted(state_b)]).double()
         assert ga.norm() > 0 and ((ga - gb).norm() / ga.norm()).item() < 1e-4, opt
+
+
+def test_in_training_fid_of_a_latent_teacher_scores_decoded_images(tmp_path, latent_pickle,
+                                                                   vae_dir, images16, weights):
+    """--fid-every on a latent teacher scores the VAE's decoded images (random Inception
+    weights, 4 samples): the logged FID is that of the EMA generator's latents decoded by the
+    codec, computed here again; without --vae the run stops in one line."""
+    import inception
+    extractor = inception.InceptionFeatures(weights, mode="tf", device="cpu")
+    with np.load(images16) as f:
+        real = torch.from_numpy(f["images"][:8]).permute(0, 3, 1, 2)
+    mu, sigma, n = inception.feature_stats([real[:4], real[4:]], extractor)
+    ref = tmp_path / "ref.npz"
+    inception.save_stats(ref, mu, sigma, "tf", n, extractor.weights_sha256)
+    flags = ["--teacher", latent_pickle, "--recipe", "uid", "--steps", 1, *FAST,
+             "--fid-every", 1, "--fid-n", 4, "--fid-batch", 4, "--fid-ref", ref,
+             "--fid-weights", weights]
+    with pytest.raises(RealUIDError) as caught:
+        run(distill, [*flags, "--out", tmp_path / "novae"])
+    assert "--fid-every" in one_line(caught) and "--vae" in one_line(caught)
+    run(distill, [*flags, "--vae", vae_dir, "--out", tmp_path / "run"])
+    import json
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        fid = [json.loads(line)["fid"] for line in f if '"fid"' in line]
+    ckpt = load(tmp_path / "run" / "latest.pt")
+    ema = networks.build_network(ckpt["config"]["net"], ckpt["ema_gens"]["0.999"]).eval()
+    codec = latents.LatentCodec(latents.load_vae(vae_dir), networks.latent_settings(ema),
+                                (4, 8, 8))
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        x = codec.decode(distill.generate(ema, z, t_g=ckpt["config"]["t_g"]))
+    mu2, sigma2, _ = inception.feature_stats([x], extractor)
+    assert len(fid) == 1 and fid[0] == pytest.approx(
+        inception.frechet_distance(mu2, sigma2, mu, sigma), rel=1e-5)
