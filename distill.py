@@ -407,14 +407,16 @@ def restore(state, args):
     return ckpt["data_batches"]
 
 
-def draw(state, args, law="uniform"):
+def draw(state, args, law="uniform", targets=True):
     """Fresh noise for the global batch (one shared generator; this process takes its rows)
     and this process's slice of a fresh real batch (randomly flipped).
 
     For a coupling the batch also holds the sources s; the generator's start z = kappa s +
     sigma eps_g and the interpolations' shared x0 = kappa s + sigma eps0 use independent
     noise (coupling.py explains why), and with alpha = beta = 1 the targets stay unread.
-    `law` is the law of t (losses.noise_levels)."""
+    `law` is the law of t (losses.noise_levels). targets=False: the update reads no x_d (the
+    generator's), so a latent teacher's batch is not encoded; the data and the noise are drawn
+    all the same, so that the streams do not depend on it."""
     B, device, rng = args.batch_size, state.device, state.noise
     z = players.randn(rng, (B, *state.shape), device)
     x0 = players.randn(rng, (B, *state.shape), device)
@@ -438,11 +440,12 @@ def draw(state, args, law="uniform"):
         x_u8, y, src_u8 = state.batches.next()
         flip = batch.pop("flip")
         if state.codec:  # flipped as pixels, then encoded (EDM2's latents)
-            x1 = state.codec.encode(common.flip(x_u8, flip), batch.pop("vae_eps"))
+            eps = batch.pop("vae_eps")
+            x1 = state.codec.encode(common.flip(x_u8, flip), eps) if targets else None
         else:
             x1 = common.flip(common.from_uint8(x_u8), flip)
         batch["y"] = y if state.cond else None
-        if state.uses_real:
+        if state.uses_real and targets:
             batch["x_d"] = x1
         if state.coupling:
             c = state.coupling
@@ -652,7 +655,8 @@ def main(args):
                 terms, norm_fake = fake_update(state, args, draw(state, args, args.fake_t))
                 for k, v in terms.items():
                     running[k] += v / args.fake_steps
-            terms, norm_gen = generator_update(state, args, draw(state, args, args.gen_t))
+            batch = draw(state, args, args.gen_t, targets=False)  # G's loss reads no x_d
+            terms, norm_gen = generator_update(state, args, batch)
             for k, v in terms.items():
                 running[k] += v
             run.end_step(running, {"grad_norm_gen": norm_gen, "grad_norm_fake": norm_fake,
