@@ -87,7 +87,7 @@ WEIGHTS_BIN = "diffusion_pytorch_model.bin"
 GAN_HEAD = "cls_pred_branch."  # the GAN head's parameter prefix, as for the repository's U-Net
 
 
-def _require(what="reading a diffusers teacher"):
+def require_diffusers(what="reading a diffusers teacher"):
     """diffusers and safetensors, or the project's one-line error naming the install."""
     try:
         import diffusers  # noqa: F401
@@ -354,7 +354,7 @@ def build_diffusers(config, state_dict=None, gan_head=False, dropout=None, what=
     loaded strictly (a DiffusersField's state dict, keys `unet.*`, or the UNet's own); only a
     GAN head may be absent from it (it keeps its fresh initialisation). dropout overrides the
     UNet's (a student's)."""
-    _require("building a diffusers network")
+    require_diffusers("building a diffusers network")
     from diffusers import UNet2DModel
     if not isinstance(config, dict) or not isinstance(config.get("diffusers"), dict) or \
             not isinstance(config.get("scheduler"), dict):
@@ -377,7 +377,7 @@ def build_diffusers(config, state_dict=None, gan_head=False, dropout=None, what=
         for prefix in ("module.", "_orig_mod."):  # DataParallel / torch.compile
             sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
         if not any(k.startswith("unet.") for k in sd):  # the UNet's own keys (a .safetensors)
-            sd = {f"unet.{k}": v for k, v in _rename_deprecated_attention(unet, sd).items()}
+            sd = {f"unet.{k}": v for k, v in rename_deprecated_attention(unet, sd).items()}
         head = {k: v for k, v in field.state_dict().items() if k.startswith(GAN_HEAD)}
         sd = {**head, **{k: v for k, v in sd.items() if gan_head or not k.startswith(GAN_HEAD)}}
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -392,7 +392,7 @@ def build_diffusers(config, state_dict=None, gan_head=False, dropout=None, what=
     return field
 
 
-def _rename_deprecated_attention(unet, sd):
+def rename_deprecated_attention(unet, sd):
     """Attention weights of diffusers' early checkpoints (query / key / value / proj_attn, e.g.
     the 2022 DDPM pipelines) under today's names (to_q / to_k / to_v / to_out.0), as diffusers
     does on load; only in the attention blocks that descend from the old ones."""
@@ -423,7 +423,7 @@ def is_diffusers_folder(path):
         any(f.startswith("diffusion_pytorch_model.") for f in os.listdir(p))
 
 
-def _read_json(path, what):
+def read_json(path, what):
     if not os.path.isfile(path):
         common.fail(f"{what} not found: {path}; a diffusers folder needs it (pipeline layout: "
                     "model_index.json, unet/config.json, unet/" + WEIGHTS +
@@ -449,7 +449,7 @@ def diffusers_paths(path):
     index = os.path.join(p, "model_index.json")
     if os.path.isfile(index) or os.path.isdir(os.path.join(p, "unet")):
         if os.path.isfile(index):
-            entry = _read_json(index, "model_index.json").get("unet")
+            entry = read_json(index, "model_index.json").get("unet")
             if entry is None:
                 common.fail(f"{index} names no `unet`; only pipelines with a {UNET_CLASS} "
                             "(e.g. DDPMPipeline, DDIMPipeline) are supported")
@@ -473,7 +473,7 @@ def read_unet_weights(folder, what="a diffusers UNet folder"):
     import safetensors.torch
     index = os.path.join(folder, WEIGHTS_INDEX)
     if os.path.isfile(index):
-        weight_map = _read_json(index, WEIGHTS_INDEX).get("weight_map")
+        weight_map = read_json(index, WEIGHTS_INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
             common.fail(f"{index} has no weight_map; use an intact copy")
         files = sorted(set(weight_map.values()))
@@ -506,13 +506,13 @@ def load_diffusers_teacher(path):
     scheduler/scheduler_config.json; flat layout: config.json,
     diffusion_pytorch_model.safetensors, scheduler_config.json. The UNet is built from its
     config (UNet2DModel.from_config) and loaded strictly; nothing is downloaded."""
-    _require()
+    require_diffusers()
     unet_dir, scheduler_path = diffusers_paths(path)
-    ucfg = _read_json(os.path.join(unet_dir, "config.json"), "the UNet's config.json")
+    ucfg = read_json(os.path.join(unet_dir, "config.json"), "the UNet's config.json")
     if ucfg.get("_class_name", UNET_CLASS) != UNET_CLASS:
         common.fail(f"{unet_dir} holds a {ucfg['_class_name']}; only {UNET_CLASS} (pixel "
                     "space, unconditional or class-conditional) is supported")
-    scfg = _read_json(scheduler_path, "scheduler_config.json")
+    scfg = read_json(scheduler_path, "scheduler_config.json")
     sd = read_unet_weights(unet_dir)
     field = build_diffusers({"diffusers": ucfg, "scheduler": scfg}, sd,
                             what=f"the weights in {unet_dir}")
@@ -527,7 +527,7 @@ def export_diffusers_unet(field, folder, t_g=None):
     generator's one-step recipe (one_step_recipe) is recorded in config.json under `_realuid`
     (diffusers ignores keys that start with "_"). Atomic: written to a temporary folder beside
     `folder`, then renamed; an existing non-empty `folder` is refused. Returns the folder."""
-    diffusers = _require("exporting a diffusers UNet")
+    diffusers = require_diffusers("exporting a diffusers UNet")
     import safetensors.torch
     if not isinstance(field, DiffusersField):
         common.fail(f"only a network of a diffusers teacher can be exported as a diffusers UNet, "

@@ -43,7 +43,7 @@ VAE_CLASS = "AutoencoderKL"
 # EDM2's StabilityVAEEncoder defaults (its constructor's arguments)
 STABILITY_DEFAULTS = {"vae_name": "stabilityai/sd-vae-ft-mse",
                       "raw_mean": [5.81, 3.25, 0.12, -2.15], "raw_std": [4.17, 4.62, 3.71, 3.28],
-                      "final_mean": 0.0, "final_std": 0.5, "batch_size": 8}
+                      "final_mean": 0.0, "final_std": 0.5}
 PIXEL_ENCODERS = ("StandardRGBEncoder",)  # EDM2's img64: x / 127.5 - 1, this repository's own
 
 
@@ -68,7 +68,10 @@ def latent_settings(encoder, where="pickle"):
     `encoder` is net_pickles' plain dict {"class_name", "init_args", "init_kwargs", "state"}."""
     if encoder is None:
         return None
-    name = encoder.get("class_name") if isinstance(encoder, dict) else type(encoder).__name__
+    if not isinstance(encoder, dict):
+        common.fail(f"{where}: its encoder is a {type(encoder).__name__}, not one of EDM2's "
+                    "encoders; use an intact copy of the pickle")
+    name = encoder.get("class_name")
     if name in PIXEL_ENCODERS:
         return None
     if name != "StabilityVAEEncoder":
@@ -106,16 +109,16 @@ def load_vae(path):
     """A diffusers AutoencoderKL from a local folder (config.json and
     diffusion_pytorch_model.safetensors; a .bin, a pickle, is refused, never unpickled), built
     from its config and loaded strictly, in eval mode, float32, without gradients."""
-    diffusers = diffusers_teacher._require("reading a VAE (--vae)")
+    diffusers = diffusers_teacher.require_diffusers("reading a VAE (--vae)")
     folder = vae_folder(path)
-    cfg = diffusers_teacher._read_json(os.path.join(folder, "config.json"), "the VAE's config.json")
+    cfg = diffusers_teacher.read_json(os.path.join(folder, "config.json"), "the VAE's config.json")
     if cfg.get("_class_name", VAE_CLASS) != VAE_CLASS:
         common.fail(f"--vae {path}: {folder} holds a {str(cfg['_class_name'])[:60]}, not a "
                     f"{VAE_CLASS} (e.g. stabilityai/sd-vae-ft-mse)")
     sd = diffusers_teacher.read_unet_weights(folder, "a diffusers VAE folder")
     try:
         vae = diffusers.AutoencoderKL.from_config(cfg)
-        sd = diffusers_teacher._rename_deprecated_attention(vae, sd)  # the 2022 VAEs' names
+        sd = diffusers_teacher.rename_deprecated_attention(vae, sd)  # the 2022 VAEs' names
         vae.load_state_dict(sd, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:200]

@@ -128,7 +128,7 @@ def main():
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    dt._require("this check")
+    dt.require_diffusers("this check")
     device = torch.device(args.device)
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
