@@ -15,8 +15,6 @@ The diffusers case needs diffusers (optional: skipped without); the EDM2 case do
 """
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +26,8 @@ import finetune
 import inception
 import networks
 import teachers
-from conftest import FAST, ROOT, load, run
+from conftest import FAST, load, run
+from test_scale import grads, rel_diff, torchrun
 
 KINDS = ["diffusers", "edm2"]
 STEPS = 2  # the second update is where DDP finds a parameter without a gradient
@@ -66,22 +65,6 @@ def baseline(teacher, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
     run(distill, distill_argv(teacher[1], tiny_data["uncond"], out))
     return load(out / "latest.pt")
-
-
-def grads(ckpt, optimizer):
-    state = ckpt[optimizer]["state"]
-    return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)]).double()
-
-
-def rel_diff(a, b):
-    return ((a - b).norm() / a.norm()).item()
-
-
-def torchrun(*argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *map(str, argv)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("teacher", KINDS, indirect=True)
